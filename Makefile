@@ -1,0 +1,31 @@
+# The two commands a new machine needs: `make demo` and `make test`. Both depend on `make setup`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast lint clean
+
+setup: $(STAMP)
+
+# Reinstall only when the package metadata changes; a second `make setup` does nothing.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/anomdiff demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check anomdiff pipelines tests
+
+clean:
+	rm -rf $(VENV) .anomdiff build *.egg-info

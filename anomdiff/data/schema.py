@@ -1,0 +1,75 @@
+"""The Arrow schema of a converted dataset and the layout of its folder (DESIGN.md, "Data").
+
+A dataset is hive-partitioned parquet, ``DATA/category=<name>/split=<train|test>/part-<k>.parquet``,
+plus ``DATA/manifest.json``. Every shard also carries ``category`` and ``split`` as columns, so a
+shard read alone still knows what it holds and no reader has to infer partition types from paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+REJECTED_NAME = "rejected.jsonl"
+SPLITS = ("train", "test")
+NORMAL_DEFECT = "good"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("label", pa.int8(), nullable=False),
+        pa.field("defect_type", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("mask", pa.binary(), nullable=True),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("view", pa.int8(), nullable=True),
+        pa.field("source", pa.string(), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of the dataset, images already encoded (PNG bytes)."""
+
+    sample_id: str
+    category: str
+    split: str
+    label: int
+    defect_type: str
+    image: bytes
+    mask: bytes | None
+    height: int
+    width: int
+    source: str
+    view: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ValueError(f"{self.sample_id}: split must be one of {SPLITS}, got {self.split!r}")
+        if self.label not in (0, 1):
+            raise ValueError(f"{self.sample_id}: label must be 0 or 1, got {self.label!r}")
+        if self.split == "train" and self.label != 0:
+            raise ValueError(f"{self.sample_id}: the train split holds normal images only")
+        if (self.mask is not None) != (self.label == 1):
+            raise ValueError(f"{self.sample_id}: a mask is required for anomalous and forbidden for normal rows")
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.image) + (len(self.mask) if self.mask is not None else 0) + 64
+
+
+def partition_dir(category: str, split: str) -> str:
+    """The hive partition folder of one category and split, relative to the dataset root."""
+    return f"category={category}/split={split}"
+
+
+def records_to_table(records: list[Record]) -> pa.Table:
+    columns = {field.name: [getattr(r, field.name) for r in records] for field in SCHEMA}
+    return pa.Table.from_pydict(columns, schema=SCHEMA)

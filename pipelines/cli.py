@@ -1,0 +1,129 @@
+"""The ``anomdiff`` console script (DESIGN.md, "Command-line contract").
+
+Data and model commands run here in-process; the Ray jobs (``train``, ``evaluate``, ``bench``) are
+``python -m pipelines.<job>`` programs and the subcommand forwards its arguments to their ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+# Errors that mean "your input is wrong", reported as one line without a traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+
+JOBS = {
+    "demo": "pipelines.demo",
+}
+
+
+def _data_synth(args: argparse.Namespace) -> None:
+    from anomdiff.data.synthetic import synthesize
+
+    manifest = synthesize(args.out, args.categories, seed=args.seed, image_size=args.image_size,
+                          train_per_category=args.train_per_category, test_per_category=args.test_per_category,
+                          shard_mb=args.shard_mb, overwrite=args.overwrite, workers=args.workers)
+    print(f"wrote {manifest['total']} images in {len(manifest['counts'])} categories to {args.out}")
+
+
+def _data_convert(args: argparse.Namespace) -> None:
+    from anomdiff.data.convert import convert
+
+    manifest = convert(args.src, args.out, args.format, image_size=args.image_size, skip_bad=args.skip_bad,
+                       shard_mb=args.shard_mb, overwrite=args.overwrite, workers=args.workers,
+                       json_dir=args.json_dir)
+    print(f"wrote {manifest['total']} images in {len(manifest['counts'])} categories to {args.out}")
+    if manifest.get("rejected"):
+        print(f"left out {manifest['rejected']} bad samples, listed in {Path(args.out) / 'rejected.jsonl'}")
+
+
+def _data_inspect(args: argparse.Namespace) -> None:
+    from anomdiff.data.manifest import format_table, read_manifest, summary, verify
+
+    manifest = read_manifest(args.data)
+    doc = summary(manifest)
+    print(json.dumps(doc, indent=2) if args.json else format_table(doc))
+    if args.verify:
+        problems = verify(args.data, manifest)
+        for problem in problems:
+            print(f"corrupt: {problem}", file=sys.stderr)
+        if problems:
+            raise SystemExit(1)
+        print(f"verified {len(manifest['shards'])} shards", file=sys.stderr)
+
+
+def _model_params(args: argparse.Namespace) -> None:
+    from anomdiff.models.params import count_parameters
+
+    counts = count_parameters(args.preset, args.method)
+    if args.json:
+        print(json.dumps(counts))
+    else:
+        for name, n in counts.items():
+            print(f"{name:>12}  {n:>14,d}")
+
+
+def _run_job(args: argparse.Namespace) -> None:
+    importlib.import_module(JOBS[args.command]).main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="anomdiff", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="build and inspect datasets").add_subparsers(dest="data", required=True)
+    synth = data.add_parser("synth", help="write the synthetic multi-category dataset")
+    synth.add_argument("out")
+    synth.add_argument("--categories", type=int, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=128)
+    synth.add_argument("--train-per-category", type=int, default=40)
+    synth.add_argument("--test-per-category", type=int, default=20)
+    convert = data.add_parser("convert", help="convert a public dataset layout to sharded parquet")
+    convert.add_argument("src")
+    convert.add_argument("out")
+    convert.add_argument("--format", required=True, choices=("mvtec", "visa", "realiad", "folder"))
+    convert.add_argument("--image-size", type=int, default=256)
+    convert.add_argument("--skip-bad", action="store_true", help="leave bad samples out, listed in rejected.jsonl")
+    convert.add_argument("--json-dir", help="realiad: another split set (e.g. single-view, fuiad json folder)")
+    for sub in (synth, convert):
+        sub.add_argument("--shard-mb", type=float, default=128)
+        sub.add_argument("--overwrite", action="store_true")
+        sub.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    synth.set_defaults(func=_data_synth)
+    convert.set_defaults(func=_data_convert)
+    inspect = data.add_parser("inspect", help="counts per category/split/label")
+    inspect.add_argument("data")
+    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument("--verify", action="store_true", help="check every shard's sha256 and row count")
+    inspect.set_defaults(func=_data_inspect)
+
+    model = commands.add_parser("model", help="model facts").add_subparsers(dest="model", required=True)
+    params = model.add_parser("params", help="parameter counts per component")
+    params.add_argument("--preset", required=True, choices=("tiny", "small", "sd15"))
+    params.add_argument("--method", default="diad")
+    params.add_argument("--json", action="store_true")
+    params.set_defaults(func=_model_params)
+
+    for job, module in JOBS.items():
+        sub = commands.add_parser(job, help=f"run {module} (arguments are passed through)", add_help=False)
+        sub.add_argument("rest", nargs=argparse.REMAINDER)
+        sub.set_defaults(func=_run_job)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except USER_ERRORS as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"anomdiff: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Ray Data datasets over a converted dataset's shards.
+
+The manifest names every shard with its category and split, so choosing categories and a split is
+choosing files (the partition filter) before Ray reads anything; only the needed columns are read,
+and decoding + resizing + normalising runs in ``map_batches`` tasks that stream into the trainer.
+On a small machine keep ``num_cpus`` per decode task fractional (PITFALLS.md: two cores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ray
+import ray.data
+
+from anomdiff.data.manifest import read_manifest, shard_paths
+from anomdiff.data.splits import nested_subset
+from anomdiff.data.transforms import COLUMNS, DecodeBatch, SelectHoldout
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What to read: the dataset, which categories (a nested subset of ``num_categories``), how to decode."""
+
+    path: str
+    image_size: int
+    num_categories: int | None = None
+    category_seed: int = 0
+    validation_fraction: float = 0.1
+    validation_seed: int = 0
+    batch_size: int = 32
+    decode_cpus: float = 0.5
+
+    def categories(self) -> list[str]:
+        return nested_subset(list(read_manifest(self.path)["counts"]), self.num_categories, self.category_seed)
+
+
+def read_rows(spec: DataSpec, split: str, categories: list[str] | None = None) -> ray.data.Dataset:
+    """Raw rows of ``split`` for ``categories``: file-level partition filter plus column pruning."""
+    manifest = read_manifest(spec.path)
+    paths = shard_paths(spec.path, manifest, split, categories or spec.categories())
+    if not paths:
+        raise ValueError(f"{spec.path}: no {split} shards for the chosen categories")
+    return ray.data.read_parquet(paths).select_columns(list(COLUMNS))
+
+
+def _decoded(rows: ray.data.Dataset, spec: DataSpec, categories: list[str]) -> ray.data.Dataset:
+    return rows.map_batches(DecodeBatch(spec.image_size, categories), batch_size=spec.batch_size,
+                            num_cpus=spec.decode_cpus, batch_format="pyarrow")
+
+
+def training_normals(spec: DataSpec, validation: bool) -> ray.data.Dataset:
+    """Decoded training-split rows: the validation hold-out (``validation=True``) or the rest."""
+    categories = spec.categories()
+    select = SelectHoldout(spec.validation_fraction, spec.validation_seed, validation)
+    rows = read_rows(spec, "train", categories).map_batches(select, batch_format="pyarrow", num_cpus=spec.decode_cpus)
+    return _decoded(rows, spec, categories)
+
+
+def train_dataset(spec: DataSpec) -> ray.data.Dataset:
+    """Training normals minus the seeded validation hold-out, decoded, as tensors only (for
+    ``iter_torch_batches``: the string ``sample_id`` is dropped)."""
+    return training_normals(spec, validation=False).drop_columns(["sample_id"])
+
+
+def validation_dataset(spec: DataSpec) -> ray.data.Dataset:
+    """The held-out training normals, decoded: model selection and thresholds use these, never test."""
+    return training_normals(spec, validation=True)
+
+
+def test_dataset(spec: DataSpec) -> ray.data.Dataset:
+    categories = spec.categories()
+    return _decoded(read_rows(spec, "test", categories), spec, categories)

@@ -1,0 +1,48 @@
+import json
+import subprocess
+import sys
+
+from layouts import mvtec_tree
+
+
+def anomdiff(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd)
+
+
+def test_synth_then_inspect_json_prints_the_design_document(tmp_path):
+    done = anomdiff("data", "synth", tmp_path / "d", "--categories", 3, "--image-size", 24,
+                    "--train-per-category", 4, "--test-per-category", 2, "--workers", 1)
+    assert done.returncode == 0, done.stderr
+    inspect = anomdiff("data", "inspect", tmp_path / "d", "--json", "--verify")
+    assert inspect.returncode == 0, inspect.stderr
+    doc = json.loads(inspect.stdout)
+    assert doc["total"] == 18 and len(doc["categories"]) == 3
+    assert all(c == {"train": {"normal": 4}, "test": {"normal": 1, "anomalous": 1}} for c in doc["categories"].values())
+
+
+def test_convert_refuses_an_existing_output_without_overwrite(tmp_path):
+    src = mvtec_tree(tmp_path / "src", categories=("bottle",))
+    assert anomdiff("data", "convert", src, tmp_path / "out", "--format", "mvtec", "--image-size", 16).returncode == 0
+    again = anomdiff("data", "convert", src, tmp_path / "out", "--format", "mvtec")
+    assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
+    assert anomdiff("data", "convert", src, tmp_path / "out", "--format", "mvtec", "--overwrite").returncode == 0
+
+
+def test_bad_input_exits_non_zero_with_one_line_naming_the_file(tmp_path):
+    src = mvtec_tree(tmp_path / "src", categories=("bottle",))
+    (src / "bottle" / "test" / "crack" / "001.png").write_bytes(b"\x89PNG\r\n")
+    done = anomdiff("data", "convert", src, tmp_path / "out", "--format", "mvtec")
+    assert done.returncode == 2
+    assert "crack/001.png: unreadable or truncated image" in done.stderr and "Traceback" not in done.stderr
+    skipped = anomdiff("data", "convert", src, tmp_path / "out", "--format", "mvtec", "--skip-bad")
+    assert skipped.returncode == 0 and "left out 1 bad samples" in skipped.stdout
+
+
+def test_inspect_verify_fails_on_a_modified_shard(tmp_path):
+    assert anomdiff("data", "synth", tmp_path / "d", "--categories", 1, "--image-size", 16,
+                    "--train-per-category", 2, "--test-per-category", 2).returncode == 0
+    shard = next((tmp_path / "d").rglob("*.parquet"))
+    shard.write_bytes(shard.read_bytes() + b"x")
+    done = anomdiff("data", "inspect", tmp_path / "d", "--verify")
+    assert done.returncode == 1 and "sha256 mismatch" in done.stderr
