@@ -10,18 +10,15 @@ global backend is left as it is.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from anomdiff.atomic import atomic_path, write_json_atomic
 from anomdiff.metrics import METRIC_KEYS
 
 METRICS_JSON = "metrics.json"
@@ -69,28 +66,6 @@ def select_worst_cases(image_scores, image_labels, k: int = 4) -> tuple[np.ndarr
 
 
 # ----------------------------------------------------------------------------- files
-
-
-@contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def write_json_atomic(doc: dict, path: str | Path) -> Path:
-    """Write ``doc`` as JSON, atomically; NaN or inf in it raise ``ValueError``."""
-    path = Path(path)
-    text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
-    with _atomic_path(path) as tmp:
-        tmp.write_text(text)
-    return path
 
 
 def _rank_key(row: dict) -> tuple:
@@ -142,7 +117,7 @@ def markdown_report(doc: dict, *, top: int = 3, title: str = "Evaluation") -> st
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     return path
 
@@ -233,8 +208,8 @@ def write_report(doc: dict, out_dir: str | Path, *, curves: dict | None = None,
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = {METRICS_JSON: write_json_atomic(doc, out / METRICS_JSON)}
-    with _atomic_path(out / METRICS_MD) as tmp:
+    written = {METRICS_JSON: write_json_atomic(out / METRICS_JSON, doc)}
+    with atomic_path(out / METRICS_MD) as tmp:
         tmp.write_text(markdown_report(doc, title=title))
     written[METRICS_MD] = out / METRICS_MD
     written[AUROC_BARS_PNG] = plot_auroc_by_category(doc, out / AUROC_BARS_PNG)

@@ -15,7 +15,7 @@ import ray.data
 
 from anomdiff.data.manifest import read_manifest, shard_paths
 from anomdiff.data.splits import nested_subset
-from anomdiff.data.transforms import COLUMNS, DecodeBatch, SelectHoldout
+from anomdiff.data.transforms import COLUMNS, DecodeBatch, RepeatByCategory, SelectHoldout
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class DataSpec:
     validation_seed: int = 0
     batch_size: int = 32
     decode_cpus: float = 0.5
+    balanced: bool = False
 
     def categories(self) -> list[str]:
         return nested_subset(list(read_manifest(self.path)["counts"]), self.num_categories, self.category_seed)
@@ -59,13 +60,21 @@ def training_normals(spec: DataSpec, validation: bool) -> ray.data.Dataset:
 
 def train_dataset(spec: DataSpec) -> ray.data.Dataset:
     """Training normals minus the seeded validation hold-out, decoded, as tensors only (for
-    ``iter_torch_batches``: the string ``sample_id`` is dropped)."""
-    return training_normals(spec, validation=False).drop_columns(["sample_id"])
+    ``iter_torch_batches``: the string ``sample_id`` is dropped). With ``balanced``, each category's
+    rows repeat so that every category contributes about as many samples per epoch as the largest."""
+    data = training_normals(spec, validation=False)
+    if spec.balanced:
+        counts = {c: n["train"]["normal"] for c, n in read_manifest(spec.path)["counts"].items()}
+        largest = max(counts[c] for c in spec.categories())
+        data = data.map_batches(RepeatByCategory({c: round(largest / counts[c]) for c in spec.categories()}, spec.categories()),
+                                batch_format="numpy", num_cpus=spec.decode_cpus)
+    return data.drop_columns(["sample_id"])
 
 
 def validation_dataset(spec: DataSpec) -> ray.data.Dataset:
-    """The held-out training normals, decoded: model selection and thresholds use these, never test."""
-    return training_normals(spec, validation=True)
+    """The held-out training normals, decoded, as tensors only: model selection and thresholds use
+    these, never test."""
+    return training_normals(spec, validation=True).drop_columns(["sample_id"])
 
 
 def test_dataset(spec: DataSpec) -> ray.data.Dataset:

@@ -7,6 +7,7 @@ from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 
 from anomdiff import metrics, report
+from anomdiff.atomic import write_json_atomic
 from anomdiff.metrics import METRIC_KEYS
 from anomdiff.report import Case
 
@@ -54,10 +55,10 @@ def test_metrics_json_round_trips_the_document_and_leaves_no_temp_files(tmp_path
 
 
 def test_json_with_nan_is_refused_and_the_old_file_kept(tmp_path):
-    path = report.write_json_atomic(DOC, tmp_path / "metrics.json")
+    path = write_json_atomic(tmp_path / "metrics.json", DOC)
     bad = {**DOC, "mean": {**DOC["mean"], "image_auroc": float("nan")}}
     with pytest.raises(ValueError):
-        report.write_json_atomic(bad, path)
+        write_json_atomic(path, bad)
     assert json.loads(path.read_text()) == DOC
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 

@@ -68,3 +68,15 @@ class SelectHoldout:
         held = np.array([is_validation(s, self.fraction, self.seed) for s in rows.column("sample_id").to_pylist()],
                         dtype=bool)
         return rows.filter(pa.array(held if self.validation else ~held))
+
+
+class RepeatByCategory:
+    """Callable for ``map_batches`` on decoded batches: repeat each row ``factors[category]`` times
+    (category-balanced sampling; factors are the largest category's count over each one's)."""
+
+    def __init__(self, factors: dict[str, int], categories: Sequence[str]):
+        self.repeats = np.array([max(1, int(factors[c])) for c in categories], dtype=np.int64)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        index = np.repeat(np.arange(len(batch["category_index"])), self.repeats[batch["category_index"]])
+        return {name: column[index] for name, column in batch.items()}

@@ -10,7 +10,6 @@ new one is complete.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from anomdiff.atomic import write_json_atomic
 from anomdiff.data.schema import MANIFEST_NAME, SCHEMA_VERSION, SPLITS, Record, partition_dir, records_to_table
 
 _CATEGORY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -31,16 +31,6 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, payload: object) -> None:
-    """Write JSON next to ``path`` and rename it into place, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(f.name, path)
 
 
 class OutputExistsError(FileExistsError):

@@ -1,0 +1,172 @@
+"""The experiment configuration: a typed tree composed from YAML parts plus dotted overrides.
+
+An experiment file (``conf/experiment/<name>.yaml``) may name parts to start from::
+
+    compose: {data: synthetic, model: tiny, train: cpu}
+
+which load ``conf/data/synthetic.yaml`` into ``data``, ``conf/model/tiny.yaml`` into ``model`` and
+so on; the file's own sections are merged on top, then ``key=value`` overrides from the command
+line (values parsed as YAML: ``train.steps=200``, ``model.trainable=[unet,sg]``). The result is
+checked against the dataclasses below before anything starts: an unknown key fails naming the key
+and its nearest valid spelling.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from anomdiff.atomic import write_text_atomic
+from anomdiff.models.config import ModelConfig
+from anomdiff.sections import Section, UnknownKeyError
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass
+class DataConfig(Section):
+    """Which dataset and categories to read, and the seeded validation hold-out of training normals."""
+
+    path: str = ""
+    num_categories: int | None = None
+    category_seed: int = 0
+    validation_fraction: float = 0.1
+    validation_seed: int = 0
+    balanced: bool = False
+    shuffle_buffer: int = 256
+    decode_cpus: float = 0.5
+
+
+@dataclass
+class ZeroConfig(Section):
+    """DeepSpeed ZeRO: stage 0-3 and optional CPU offload of optimizer state and parameters."""
+
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+@dataclass
+class TrainConfig(Section):
+    """Ray Train workers and the optimisation schedule (steps count optimizer steps)."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1.0e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    vae_steps: int = 0
+    vae_lr: float = 1.0e-4
+    steps: int = 500
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    validation_images: int = 64
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+
+
+@dataclass
+class EvaluateConfig(Section):
+    """Test-split evaluation: batch size, streaming metrics and how many worst cases to draw."""
+
+    batch_size: int = 16
+    streaming: bool = True
+    num_bins: int = 16384
+    worst_cases: int = 4
+
+
+@dataclass
+class TrackingConfig(Section):
+    """MLflow: experiment name, tracking URI (default: SQLite under ANOMDIFF_HOME), registry name."""
+
+    experiment: str = "anomdiff"
+    tracking_uri: str | None = None
+    registered_model: str | None = None
+
+
+@dataclass
+class ExperimentConfig(Section):
+    name: str = "experiment"
+    seed: int = 0
+    output_dir: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.zero.stage not in (0, 1, 2, 3):
+            raise ValueError(f"train.zero.stage must be 0-3, got {self.train.zero.stage}")
+        if self.train.num_workers < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:
+            raise ValueError("train.num_workers, train.batch_size and train.grad_accum must be >= 1")
+        if not 0.0 <= self.data.validation_fraction < 1.0:
+            raise ValueError(f"data.validation_fraction must be in [0, 1), got {self.data.validation_fraction}")
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Deep merge of nested dicts; ``update`` wins."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {item!r} is not of the form dotted.key=value")
+    return key.split("."), yaml.safe_load(raw) if raw else ""
+
+
+def compose(path: str | Path, overrides: list[str] = ()) -> dict:
+    """The merged config dict of an experiment file plus overrides (not yet type-checked)."""
+    path = Path(path)
+    data = _read_yaml(path)
+    parts = data.pop("compose", {}) or {}
+    merged: dict = {}
+    for section, name in parts.items():
+        if section not in ("data", "model", "train", "evaluate", "tracking"):
+            raise UnknownKeyError(f"compose.{section}", ["data", "model", "train", "evaluate", "tracking"])
+        merged[section] = _read_yaml(CONF_DIR / section / f"{name}.yaml")
+    merged = _merge(merged, data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = merged
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r}: {key} is not a section")
+        node[keys[-1]] = value
+    return merged
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Compose, override and validate an experiment config."""
+    return ExperimentConfig.from_dict(compose(path, overrides))
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    write_text_atomic(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
