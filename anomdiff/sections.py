@@ -25,6 +25,10 @@ class UnknownKeyError(ValueError):
         self.key, self.suggestion = key, close[0] if close else None
 
 
+class ConfigTypeError(TypeError, ValueError):
+    """A config value of the wrong type; the message names its dotted key."""
+
+
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
@@ -43,7 +47,7 @@ class Section:
         """
         _path = cls.config_path if _path is None else _path
         if not isinstance(data, dict):
-            raise TypeError(f"{_path}: expected a mapping, got {type(data).__name__}")
+            raise ConfigTypeError(f"{_path}: expected a mapping, got {type(data).__name__}")
         base = base if base is not None else cls()
         hints = typing.get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls)]
@@ -83,30 +87,30 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except TypeError as exc:
                 errors.append(str(exc))
-        raise TypeError(errors[0])
+        raise ConfigTypeError(errors[0])
     if origin is list:
         if not isinstance(value, list | tuple):
-            raise TypeError(f"{key}: expected a list, got {value!r}")
+            raise ConfigTypeError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(hint)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if hint is bool:
         if not isinstance(value, bool):
-            raise TypeError(f"{key}: expected true/false, got {value!r}")
+            raise ConfigTypeError(f"{key}: expected true/false, got {value!r}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigTypeError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
         # PyYAML reads "1e-6" as a string (YAML 1.1 wants "1.0e-6"); accept numeric strings.
         if isinstance(value, bool):
-            raise TypeError(f"{key}: expected a number, got {value!r}")
+            raise ConfigTypeError(f"{key}: expected a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
-            raise TypeError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigTypeError(f"{key}: expected a number, got {value!r}") from None
     if hint is str:
         if not isinstance(value, str):
-            raise TypeError(f"{key}: expected a string, got {value!r}")
+            raise ConfigTypeError(f"{key}: expected a string, got {value!r}")
         return value
-    raise TypeError(f"{key}: unsupported annotation {hint!r}")
+    raise ConfigTypeError(f"{key}: unsupported annotation {hint!r}")

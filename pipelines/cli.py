@@ -16,6 +16,8 @@ from pathlib import Path
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
 JOBS = {
+    "train": "pipelines.train",
+    "evaluate": "pipelines.evaluate",
     "demo": "pipelines.demo",
 }
 
@@ -66,10 +68,6 @@ def _model_params(args: argparse.Namespace) -> None:
             print(f"{name:>12}  {n:>14,d}")
 
 
-def _run_job(args: argparse.Namespace) -> None:
-    importlib.import_module(JOBS[args.command]).main(args.rest)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomdiff", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -108,16 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     params.add_argument("--json", action="store_true")
     params.set_defaults(func=_model_params)
 
-    for job, module in JOBS.items():
-        sub = commands.add_parser(job, help=f"run {module} (arguments are passed through)", add_help=False)
-        sub.add_argument("rest", nargs=argparse.REMAINDER)
-        sub.set_defaults(func=_run_job)
+    for job, module in JOBS.items():  # listed for --help; main() hands their arguments to the job
+        commands.add_parser(job, help=f"python -m {module} (see `anomdiff {job} --help`)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv and argv[0] in JOBS:  # the jobs parse their own arguments
+            importlib.import_module(JOBS[argv[0]]).main(argv[1:])
+            return
+        args = build_parser().parse_args(argv)
         args.func(args)
     except USER_ERRORS as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

@@ -64,10 +64,11 @@ def train_dataset(spec: DataSpec) -> ray.data.Dataset:
     rows repeat so that every category contributes about as many samples per epoch as the largest."""
     data = training_normals(spec, validation=False)
     if spec.balanced:
-        counts = {c: n["train"]["normal"] for c, n in read_manifest(spec.path)["counts"].items()}
-        largest = max(counts[c] for c in spec.categories())
-        data = data.map_batches(RepeatByCategory({c: round(largest / counts[c]) for c in spec.categories()}, spec.categories()),
-                                batch_format="numpy", num_cpus=spec.decode_cpus)
+        categories = spec.categories()
+        counts = {c: read_manifest(spec.path)["counts"][c]["train"]["normal"] for c in categories}
+        factors = {c: round(max(counts.values()) / counts[c]) for c in categories}
+        data = data.map_batches(RepeatByCategory(factors, categories), batch_format="numpy",
+                                num_cpus=spec.decode_cpus)
     return data.drop_columns(["sample_id"])
 
 
@@ -77,6 +78,9 @@ def validation_dataset(spec: DataSpec) -> ray.data.Dataset:
     return training_normals(spec, validation=True).drop_columns(["sample_id"])
 
 
-def test_dataset(spec: DataSpec) -> ray.data.Dataset:
-    categories = spec.categories()
-    return _decoded(read_rows(spec, "test", categories), spec, categories)
+def test_dataset(spec: DataSpec, categories: list[str] | None = None,
+                 subset: list[str] | None = None) -> ray.data.Dataset:
+    """The decoded test split. ``categories`` fixes the category indices (a model's list; default
+    the spec's); ``subset`` reads only those categories (default all of ``categories``)."""
+    categories = categories or spec.categories()
+    return _decoded(read_rows(spec, "test", subset or categories), spec, categories)

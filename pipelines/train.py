@@ -119,9 +119,8 @@ def deepspeed_config(cfg: ExperimentConfig, lr: float, stage: int) -> dict:
 def _batches(shard, cfg: ExperimentConfig, device):
     """Endless stream of training batches from this worker's shard (one pass = one epoch)."""
     while True:
-        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device, drop_last=True,
-                                              local_shuffle_buffer_size=cfg.data.shuffle_buffer):
-            yield batch
+        yield from shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device, drop_last=True,
+                                            local_shuffle_buffer_size=cfg.data.shuffle_buffer)
 
 
 def _run_stage(engine, loss_fn, batches, start: int, steps: int, cfg: ExperimentConfig, label: str,
@@ -270,17 +269,16 @@ def run(cfg: ExperimentConfig) -> dict:
         if run_id is None:
             tracking.log_config(cfg)
     t = cfg.train
+    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    keep_best = CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=SELECTION_METRIC,
+                                 checkpoint_score_order="max")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"experiment": cfg.to_dict(), "categories": categories,
                            "mlflow_run_id": active.info.run_id, "tracking_uri": uri},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
-        run_config=RunConfig(
-            name="ray", storage_path=str(out),
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=SELECTION_METRIC,
-                                               checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=t.max_failures)),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=per_worker),
+        run_config=RunConfig(name="ray", storage_path=str(out), checkpoint_config=keep_best,
+                             failure_config=FailureConfig(max_failures=t.max_failures)),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )

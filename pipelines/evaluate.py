@@ -1,0 +1,197 @@
+"""Evaluate an exported model on a dataset's test split: metrics document, report, MLflow.
+
+    python -m pipelines.evaluate .anomdiff/demo/run/model .anomdiff/demo/data --json metrics.json
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python -m pipelines.evaluate /runs/x/model /data/realiad evaluate.batch_size=32 scorers=8 use_gpu=true
+
+Ray Data streams the test shards through a pool of scoring actors (each loads the model once);
+the driver folds every scored batch into streaming metrics (memory independent of the number of
+pixels) and keeps only the worst cases for the figure. Overrides: ``evaluate.*`` keys, inference
+keys of the model (``model.diffusion.ddim_steps=...``), ``scorers`` and ``use_gpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import ray
+import ray.data
+
+from anomdiff import metrics, report
+from anomdiff.atomic import write_json_atomic
+from anomdiff.config import EvaluateConfig, TrackingConfig, parse_override
+from anomdiff.data.manifest import read_manifest
+from anomdiff.models.config import ModelConfig
+from pipelines import tracking
+from pipelines.data import DataSpec, test_dataset
+
+THUMBNAIL = 128
+
+
+class Scorer:
+    """Ray Data actor: loads the model once, scores decoded batches."""
+
+    def __init__(self, model_dir: str, model_overrides: dict, use_gpu: bool):
+        import torch
+
+        from anomdiff.models import load_model
+
+        self.torch = torch
+        self.device = "cuda" if use_gpu else "cpu"
+        self.model = load_model(model_dir, device=self.device)
+        if model_overrides:
+            self.model.cfg = ModelConfig.from_dict(model_overrides, base=self.model.cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        inputs = {"image": torch.tensor(batch["image"], device=self.device),
+                  "category_index": torch.tensor(batch["category_index"], device=self.device)}
+        out = self.model.score(inputs)
+        images = ((batch["image"].transpose(0, 2, 3, 1) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
+        stride = max(1, images.shape[1] // THUMBNAIL)
+        return {
+            "sample_id": batch["sample_id"],
+            "category_index": batch["category_index"],
+            "label": batch["label"],
+            "image_score": out["image_score"].float().cpu().numpy(),
+            "anomaly_map": out["anomaly_map"].float().cpu().numpy(),
+            "mask": batch["mask"][:, 0].astype(np.uint8),
+            "thumbnail": images[:, ::stride, ::stride],
+        }
+
+
+class WorstCases:
+    """The ``k`` highest-scored normals and ``k`` lowest-scored anomalies seen so far (bounded heaps)."""
+
+    def __init__(self, k: int):
+        self.k, self.normal, self.anomalous, self.counter = k, [], [], 0
+
+    def offer(self, batch: dict, categories: list[str]) -> None:
+        for i, score in enumerate(batch["image_score"]):
+            label = int(batch["label"][i])
+            heap = self.anomalous if label else self.normal
+            badness = -float(score) if label else float(score)
+            if len(heap) == self.k and badness <= heap[0][0]:
+                continue
+            case = report.Case(batch["thumbnail"][i], batch["anomaly_map"][i], batch["mask"][i] if label else None,
+                               float(score), label, categories[int(batch["category_index"][i])],
+                               str(batch["sample_id"][i]))
+            self.counter += 1
+            entry = (badness, self.counter, case)
+            if len(heap) < self.k:
+                heapq.heappush(heap, entry)
+            else:
+                heapq.heapreplace(heap, entry)
+
+    def cases(self) -> list[report.Case]:
+        return [c for _, _, c in sorted(self.normal, reverse=True)] + [c for _, _, c in sorted(self.anomalous,
+                                                                                                 reverse=True)]
+
+
+def evaluate(model_dir: str, data_path: str, out_dir: str | None = None, overrides: list[str] = ()) -> dict:
+    """Score the test split of ``data_path`` with the model in ``model_dir``; returns the metrics document."""
+    from anomdiff.models.diad import read_saved_config
+
+    saved = read_saved_config(model_dir)
+    meta = saved.get("metadata", {})
+    categories = meta.get("categories")
+    if not categories:
+        raise ValueError(f"{model_dir}: the model lists no categories (was it exported by anomdiff train?)")
+    eval_cfg, tracking_cfg, model_overrides, scorers, use_gpu = _parse_overrides(overrides)
+    present = set(read_manifest(data_path)["counts"])
+    evaluated = [c for c in categories if c in present]
+    if not evaluated:
+        raise ValueError(f"{data_path} has none of the model's {len(categories)} categories")
+    out = Path(out_dir or Path(model_dir).parent / "evaluation")
+
+    ray.init(ignore_reinit_error=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    image_size = saved["config"]["image_size"]
+    spec = DataSpec(data_path, image_size, batch_size=eval_cfg.batch_size)
+    scored = test_dataset(spec, categories=categories, subset=evaluated).map_batches(
+        Scorer, fn_constructor_kwargs={"model_dir": str(model_dir), "model_overrides": model_overrides,
+                                       "use_gpu": use_gpu},
+        batch_size=eval_cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=scorers),
+        num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else 0.5)
+
+    score_range = tuple(meta["score_range"]) if eval_cfg.streaming and meta.get("score_range") else None
+    accumulator = metrics.StreamingMetrics(score_range=score_range, num_bins=eval_cfg.num_bins) if score_range else None
+    exact: dict[str, list] = {"categories": [], "scores": [], "labels": [], "maps": [], "masks": []}
+    worst = WorstCases(eval_cfg.worst_cases)
+    seen = 0
+    for batch in scored.iter_batches(batch_size=eval_cfg.batch_size, batch_format="numpy"):
+        names = np.array([categories[i] for i in batch["category_index"]])
+        if accumulator is not None:
+            accumulator.update(names, batch["image_score"], batch["label"], batch["anomaly_map"], batch["mask"])
+        else:
+            for key, value in zip(exact, (names, batch["image_score"], batch["label"], batch["anomaly_map"],
+                                          batch["mask"]), strict=True):
+                exact[key].append(value)
+        worst.offer(batch, categories)
+        seen += len(names)
+        print(f"[evaluate] scored {seen} images", flush=True)
+    if accumulator is not None:
+        doc, curves = accumulator.compute(), accumulator.curves()
+    else:
+        arrays = {k: np.concatenate(v) for k, v in exact.items()}
+        args = (arrays["categories"], arrays["scores"], arrays["labels"], arrays["maps"], arrays["masks"])
+        doc, curves = metrics.compute(*args), metrics.compute_curves(*args)
+
+    files = report.write_report(doc, out, curves=curves, worst_cases=worst.cases(),
+                                title=f"{meta.get('experiment', 'model')} on {Path(data_path).name}")
+    _log(doc, out, tracking_cfg, model_dir, data_path)
+    print((out / "metrics.md").read_text())
+    print(f"report: {out} ({', '.join(sorted(p.name for p in files.values()))})")
+    return doc
+
+
+def _parse_overrides(overrides) -> tuple[EvaluateConfig, TrackingConfig, dict, int, bool]:
+    sections: dict[str, dict] = {"evaluate": {}, "tracking": {}, "model": {}}
+    scorers, use_gpu = 1, False
+    for item in overrides:
+        keys, value = parse_override(item)
+        if keys == ["scorers"]:
+            scorers = int(value)
+        elif keys == ["use_gpu"]:
+            use_gpu = bool(value)
+        elif keys[0] in sections:
+            node = sections[keys[0]]
+            for key in keys[1:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = value
+        else:
+            raise ValueError(f"override {item!r}: evaluate takes evaluate.*, tracking.*, model.*, scorers, use_gpu")
+    return (EvaluateConfig.from_dict(sections["evaluate"], _path="evaluate"),
+            TrackingConfig.from_dict(sections["tracking"], _path="tracking"), sections["model"], scorers, use_gpu)
+
+
+def _log(doc: dict, out: Path, tracking_cfg: TrackingConfig, model_dir: str, data_path: str) -> None:
+    from anomdiff.config import ExperimentConfig
+
+    tracking.use_experiment(ExperimentConfig(tracking=tracking_cfg))
+    with mlflow.start_run(run_name=f"evaluate {Path(model_dir).parent.name}"):
+        mlflow.log_params({"model_dir": str(Path(model_dir).resolve()), "data.path": str(Path(data_path).resolve())})
+        report.log_to_mlflow(doc, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="anomdiff evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="an exported model folder (output_dir/model)")
+    parser.add_argument("data", help="a converted dataset")
+    parser.add_argument("--json", dest="json_out", help="also write the metrics document here")
+    parser.add_argument("--out", help="report folder (default: next to the model, evaluation/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    doc = evaluate(args.model, args.data, args.out, args.overrides)
+    if args.json_out:
+        write_json_atomic(args.json_out, doc)
+        print(json.dumps(doc["mean"]))
+
+
+if __name__ == "__main__":
+    main()
