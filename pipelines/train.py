@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -125,22 +126,38 @@ def _batches(shard, cfg: ExperimentConfig, device):
 
 def _run_stage(engine, loss_fn, batches, start: int, steps: int, cfg: ExperimentConfig, label: str,
                on_step=None) -> None:
-    """Optimizer steps ``start..steps`` of one stage; ``on_step(step)`` runs after each."""
+    """Optimizer steps ``start..steps`` of one stage, logging loss, steps/s, images/s and ETA;
+    ``on_step(step)`` runs after each step."""
     context = ray.train.get_context()
-    tick = time.perf_counter()
+    images_per_step = cfg.train.batch_size * cfg.train.grad_accum * context.get_world_size()
+    tick, done = time.perf_counter(), 0
     for step in range(start + 1, steps + 1):
         for _ in range(cfg.train.grad_accum):
             out = loss_fn(next(batches))
             engine.backward(out["loss"])
             engine.step()
+        done += 1
         if step % cfg.train.log_every == 0 and context.get_world_rank() == 0:
-            seconds = (time.perf_counter() - tick) / cfg.train.log_every
-            print(f"[{label}] step {step}/{steps} loss {out['loss'].item():.4f} ({seconds:.2f} s/step)", flush=True)
+            seconds = (time.perf_counter() - tick) / done
+            eta = time.strftime("%H:%M:%S", time.gmtime(seconds * (steps - step)))
+            print(f"[{label}] step {step}/{steps} loss {out['loss'].item():.4f} | {1 / seconds:.2f} steps/s "
+                  f"{images_per_step / seconds:.1f} images/s | ETA {eta}", flush=True)
             if mlflow.active_run():
-                mlflow.log_metrics({f"{label}/loss": out["loss"].item(), f"{label}/seconds_per_step": seconds}, step)
-            tick = time.perf_counter()
+                mlflow.log_metrics({"loss": out["loss"].item(), "steps_per_s": 1 / seconds,
+                                    "images_per_s": images_per_step / seconds}, step)
+            tick, done = time.perf_counter(), 0
         if on_step is not None:
             on_step(step)
+
+
+@contextmanager
+def _stage_run(name: str, enabled: bool):
+    """A nested MLflow run for one training stage (rank 0 only), with system metrics."""
+    if not enabled:
+        yield
+        return
+    with mlflow.start_run(run_name=name, nested=True, log_system_metrics=True):
+        yield
 
 
 def train_worker(config: dict) -> None:
@@ -157,8 +174,10 @@ def train_worker(config: dict) -> None:
     rank = context.get_world_rank()
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
-    if rank == 0 and run_id:
+    tracked = rank == 0 and bool(run_id)
+    if tracked:
         mlflow.set_tracking_uri(config["tracking_uri"])
+        mlflow.set_experiment(experiment_id=config["mlflow_experiment_id"])  # nested stage runs go there too
         mlflow.start_run(run_id=run_id)
 
     model = build_model(cfg.model, len(categories)).to(device)
@@ -177,7 +196,8 @@ def train_worker(config: dict) -> None:
         model.set_stage("vae")
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(),
                                           config=deepspeed_config(cfg, cfg.train.vae_lr, min(cfg.train.zero.stage, 2)))
-        _run_stage(engine, engine.module.vae_loss, train_batches, 0, cfg.train.vae_steps, cfg, "vae")
+        with _stage_run("vae", tracked):
+            _run_stage(engine, engine.module.vae_loss, train_batches, 0, cfg.train.vae_steps, cfg, "vae")
 
     model.set_stage("denoiser")
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(),
@@ -203,13 +223,16 @@ def train_worker(config: dict) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         if rank == 0:
             print(f"[validate] step {step}: image AUROC {result['val_image_auroc']:.3f}, "
-                  f"pixel AUROC {result['val_pixel_auroc']:.3f}", flush=True)
+                  f"pixel AUROC {result['val_pixel_auroc']:.3f} on {result['val_images']} held-out normals "
+                  "and their pasted-defect copies", flush=True)
             if mlflow.active_run():
                 mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step)
 
     engine.train()
-    _run_stage(engine, engine, train_batches, start_step, cfg.train.steps, cfg, "denoiser", checkpoint_and_report)
-    if rank == 0 and run_id:
+    name = f"denoiser (resumed at step {start_step})" if start_step else "denoiser"
+    with _stage_run(name, tracked and start_step < cfg.train.steps):
+        _run_stage(engine, engine, train_batches, start_step, cfg.train.steps, cfg, "denoiser", checkpoint_and_report)
+    if tracked:
         mlflow.end_run()
 
 
@@ -275,7 +298,8 @@ def run(cfg: ExperimentConfig) -> dict:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"experiment": cfg.to_dict(), "categories": categories,
-                           "mlflow_run_id": active.info.run_id, "tracking_uri": uri},
+                           "mlflow_run_id": active.info.run_id, "mlflow_experiment_id": active.info.experiment_id,
+                           "tracking_uri": uri},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(name="ray", storage_path=str(out), checkpoint_config=keep_best,
                              failure_config=FailureConfig(max_failures=t.max_failures)),

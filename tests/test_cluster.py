@@ -1,0 +1,175 @@
+"""The cluster path, for real on 127.0.0.1: `ray start --head`, an `mlflow server`, `ray job submit`
+of `anomdiff train`, and a training worker killed mid-run that the run survives."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from anomdiff.data.synthetic import synthesize
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(1)
+    raise TimeoutError(f"gave up waiting for {what}")
+
+
+def _healthy(url: str, token: str | None = None) -> bool:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def kill_session(marker: str) -> None:
+    """Kill the processes whose command line names ``marker`` (our Ray head's temp dir) and their
+    children: what this test started, and nothing else on the machine."""
+    roots = [p for p in psutil.process_iter(["cmdline"])
+             if p.pid != os.getpid() and marker in " ".join(p.info["cmdline"] or [])]
+    victims = {p.pid: p for root in roots for p in (root, *root.children(recursive=True))}
+    for process in victims.values():
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(victims.values()), timeout=20)
+
+
+@pytest.fixture(scope="module")
+def environment():
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "PYTHONPATH": str(REPO)}
+    subprocess.run([BIN / "ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
+    return env
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(environment, tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1, stopped by its process id."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    server = subprocess.Popen(
+        [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: _healthy(f"{url}/health"), 180, "mlflow server /health")
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ray_head(environment):
+    """A local Ray cluster started with `ray start --head`, stopped by its own `ray stop` address."""
+    temp_dir = tempfile.mkdtemp(prefix="rayc", dir="/tmp")
+    port, dashboard = free_port(), free_port()
+    subprocess.run(
+        [BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+         f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
+         "--include-dashboard=true", "--disable-usage-stats"],
+        env=environment, check=True, capture_output=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    try:
+        wait_for(lambda: _healthy(f"{address}/api/version", token), 90, "the Ray job server")
+        yield {"gcs": f"127.0.0.1:{port}", "dashboard": address}
+    finally:
+        kill_session(temp_dir)  # not `ray stop`: that would stop every Ray on the machine
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cluster") / "data"
+    synthesize(out, 2, seed=3, image_size=32, train_per_category=8, test_per_category=2, workers=1)
+    return out
+
+
+def train_overrides(data: Path, out: Path, *extra: str) -> list[str]:
+    return [f"data.path={data}", f"output_dir={out}", "model.image_size=32", "model.vae.sample_size=32",
+            "model.unet.sample_size=8", "model.diffusion.ddim_steps=2", "train.batch_size=4", "train.log_every=1",
+            "train.validation_images=2", "data.validation_fraction=0.25", *extra]
+
+
+def test_ray_job_submit_trains_and_logs_to_an_mlflow_server(environment, ray_head, mlflow_server, dataset, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    runtime_env = {"env_vars": {"MLFLOW_TRACKING_URI": mlflow_server}}
+    command = [BIN / "ray", "job", "submit", "--address", ray_head["dashboard"], "--working-dir", str(REPO),
+               "--runtime-env-json", json.dumps(runtime_env), "--",
+               sys.executable, "-m", "pipelines.train", "--config", "conf/experiment/demo.yaml",
+               *train_overrides(dataset, out, "train.steps=2", "train.checkpoint_every=2",
+                                "tracking.experiment=cluster-test")]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout
+    assert (out / "model" / "model.safetensors").is_file()
+    metadata = json.loads((out / "model" / "config.json").read_text())["metadata"]
+    assert metadata["step"] == 2 and len(metadata["categories"]) == 2
+
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("cluster-test")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.info.run_id == (out / "mlflow_run_id").read_text().strip())
+    assert parent.data.params["train.steps"] == "2" and "best/val_image_auroc" in parent.data.metrics
+    assert any(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id and "loss" in r.data.metrics for r in runs)
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(environment, ray_head, dataset, tmp_path):
+    out = tmp_path / "run"
+    env = {**environment, "RAY_ADDRESS": ray_head["gcs"],
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    job = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.train", "--config", "conf/experiment/demo.yaml",
+         *train_overrides(dataset, out, "train.steps=6", "train.checkpoint_every=2", "train.max_failures=2",
+                          "train.keep_checkpoints=3")],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: list((out / "ray").glob("checkpoint_*/train_state.json")), 600, "the first checkpoint")
+        listed = subprocess.run(
+            [BIN / "ray", "list", "actors", "--address", ray_head["gcs"], "--format", "json",
+             "--filter", "class_name=RayTrainWorker", "--filter", "state=ALIVE"],
+            env=environment, capture_output=True, text=True, check=True)
+        workers = json.loads(listed.stdout)
+        assert workers, "no live training worker to kill"
+        os.kill(int(workers[0]["pid"]), signal.SIGKILL)
+        log, _ = job.communicate(timeout=900)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, log[-4000:]
+    metadata = json.loads((out / "model" / "config.json").read_text())["metadata"]
+    assert metadata["step"] in (2, 4, 6)
+    steps = [json.loads(state.read_text())["step"] for state in (out / "ray").glob("checkpoint_*/train_state.json")]
+    assert sorted(steps) == [2, 4, 6], "every checkpoint survives the failure and the run reaches its last step"
