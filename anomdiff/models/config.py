@@ -1,0 +1,227 @@
+"""Model configuration: a plain dataclass tree, presets in ``conf/model/<name>.yaml``.
+
+Defaults are DiAD's (He et al., AAAI 2024, arXiv 2312.06607) on Stable Diffusion 1.5 dimensions;
+the presets restate them (``sd15``) or shrink them (``small``, ``tiny``). ``from_dict`` rejects
+unknown keys by their dotted path so a typo in a YAML file fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from anomdiff.sections import Section
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+
+
+@dataclass
+class UNetConfig(Section):
+    """diffusers ``UNet2DConditionModel`` dimensions (defaults: SD1.5, 859.52M parameters)."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [320, 640, 1280, 1280])
+    down_block_types: list[str] = field(
+        default_factory=lambda: ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+    )
+    up_block_types: list[str] = field(
+        default_factory=lambda: ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    )
+    layers_per_block: int = 2
+    attention_head_dim: int = 8
+    cross_attention_dim: int = 768
+    norm_num_groups: int = 32
+    sample_size: int = 64
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class VAEConfig(Section):
+    """diffusers ``AutoencoderKL`` dimensions (defaults: SD's KL-f8, 83.65M) and its fine-tuning loss."""
+
+    block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 512
+    scaling_factor: float = 0.18215
+    kl_weight: float = 1.0e-6
+
+
+@dataclass
+class GuideConfig(Section):
+    """Semantic-Guided network (DiAD Sec. 3.2) and its SFF block (Eq. 8, Fig. 3).
+
+    ``hint_channels``: channels of the conv-SiLU hint encoder; it downsamples ``len - 1`` times,
+    which must equal the VAE's downsampling. ``connect``: ``deepest`` feeds the SG residuals to the
+    UNet middle block and deepest decoder block only (DiAD's ``only_mid_control``), ``all`` to every
+    skip connection as in ControlNet.
+    """
+
+    hint_channels: list[int] = field(default_factory=lambda: [16, 32, 96, 256])
+    sff: bool = True
+    connect: str = "deepest"
+    conditioning_scale: float = 1.0
+
+
+@dataclass
+class BackboneConfig(Section):
+    """timm feature extractor for the anomaly map (DiAD Sec. 3.3).
+
+    ``layers`` are timm ``features_only`` indices; ResNet's 1, 2, 3 are layer1-layer3, the maps
+    DiAD's evaluation slices (``features[1:4]``). ``pretrained``: null for random initialisation,
+    ``hub`` for timm's default weights (needs network or a warm cache), or a local weights file.
+    """
+
+    name: str = "resnet50"
+    layers: list[int] = field(default_factory=lambda: [1, 2, 3])
+    pretrained: str | None = None
+
+
+@dataclass
+class DiffusionConfig(Section):
+    """Noise schedule (DiAD: 1000 steps, betas 0.00085-0.012, LDM's "linear" = diffusers'
+    ``scaled_linear``) and DDIM reconstruction (start at ``start_timestep``, ``ddim_steps`` steps).
+
+    ``guidance``: classifier-free guidance as DiAD's sampler runs it (an unconditional pass with an
+    empty context beside the conditional one, so every step costs two). Off by default: the learned
+    tokens need no amplification. Train with ``context_dropout > 0`` when it is on, so the model has
+    seen the empty context."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    ddim_steps: int = 10
+    start_timestep: int = 999
+    eta: float = 0.0
+    guidance: bool = False
+    guidance_scale: float = 9.0
+    context_dropout: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class ScoringConfig(Section):
+    """Anomaly map smoothing (Gaussian sigma in pixels of the image; DiAD: 5 at 256 px) and the
+    image score (max after ``pooling_rounds`` of ``pooling_kernel`` average pooling; DiAD: 8 x 8).
+
+    ``pixel_weight`` adds that multiple of the per-pixel L1 distance between image and
+    reconstruction to the feature distance before smoothing. DiAD's map is the feature distance
+    alone (0, the default); small CPU models with randomly initialised backbones gain from it."""
+
+    sigma: float = 5.0
+    pooling_rounds: int = 8
+    pooling_kernel: int = 8
+    pixel_weight: float = 0.0
+
+
+@dataclass
+class PrototypeConfig(Section):
+    """DPDiff-AD's dual prototype banks (``method: dpdiff``; ``anomdiff/models/prototypes.py``).
+
+    ``num_local`` (K_L) vectors rebuild every spatial feature from its ``top_k`` nearest, weighted by
+    ``softmax(-distance / temperature)``; ``num_global`` (K_G) vectors are matched to the batch's
+    image-level features by Sinkhorn OT with entropy ``ot_entropy`` (distances between unit vectors
+    lie in [0, 4]). Loss: eps-MSE + ``lambda_ot`` * OT + ``lambda_local`` * commitment."""
+
+    dim: int = 256
+    num_local: int = 256
+    num_global: int = 32
+    top_k: int = 4
+    temperature: float = 0.1
+    ot_entropy: float = 0.05
+    lambda_ot: float = 0.1
+    lambda_local: float = 0.25
+
+    def __post_init__(self):
+        for name in ("dim", "num_local", "num_global", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.prototypes.{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k > self.num_local:
+            raise ValueError(f"model.prototypes.top_k ({self.top_k}) exceeds num_local ({self.num_local})")
+        for name in ("temperature", "ot_entropy"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model.prototypes.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("lambda_ot", "lambda_local"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.prototypes.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class ModelConfig(Section):
+    """Everything that defines a model. ``trainable`` names the parts the denoiser stage trains:
+    ``unet`` (all of it) or ``unet_encoder`` / ``unet_mid`` / ``unet_decoder``, ``sg``, ``context``;
+    DiAD trains the SG network and the SD decoder and keeps the SD encoder frozen."""
+
+    config_path: typing.ClassVar[str] = "model"
+
+    method: str = "diad"
+    image_size: int = 256
+    num_context_tokens: int = 1
+    pretrained: str | None = None
+    trainable: list[str] = field(default_factory=lambda: ["sg", "unet_decoder", "context"])
+    autocast: bool = True
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    sg: GuideConfig = field(default_factory=GuideConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for combinations the model cannot be built from."""
+        u, v, g = self.unet, self.vae, self.sg
+        if not (len(u.block_out_channels) == len(u.down_block_types) == len(u.up_block_types)):
+            raise ValueError(
+                "model.unet: block_out_channels, down_block_types and up_block_types need the same length, "
+                f"got {len(u.block_out_channels)}, {len(u.down_block_types)}, {len(u.up_block_types)}"
+            )
+        if len(u.block_out_channels) < 2:
+            raise ValueError("model.unet: SFF fuses the two deepest encoder blocks, so at least 2 blocks are needed")
+        if len(g.hint_channels) != len(v.block_out_channels):
+            hint, vae = len(g.hint_channels), len(v.block_out_channels)
+            raise ValueError(
+                f"model.sg.hint_channels has {hint} stages (downsampling x{2 ** (hint - 1)}) but the VAE has"
+                f" {vae} (downsampling x{2 ** (vae - 1)}); the hint must reach the latent resolution"
+            )
+        if g.connect not in ("deepest", "all"):
+            raise ValueError(f"model.sg.connect must be 'deepest' or 'all', got {g.connect!r}")
+        if not 0 <= self.diffusion.start_timestep < self.diffusion.num_train_timesteps:
+            raise ValueError(
+                f"model.diffusion.start_timestep must be in [0, {self.diffusion.num_train_timesteps}),"
+                f" got {self.diffusion.start_timestep}"
+            )
+        if self.diffusion.ddim_steps < 1:
+            raise ValueError(f"model.diffusion.ddim_steps must be >= 1, got {self.diffusion.ddim_steps}")
+        if not 0.0 <= self.diffusion.context_dropout < 1.0:
+            raise ValueError(f"model.diffusion.context_dropout must be in [0, 1), got {self.diffusion.context_dropout}")
+        if self.num_context_tokens < 1:
+            raise ValueError(f"model.num_context_tokens must be >= 1, got {self.num_context_tokens}")
+        if self.scoring.pooling_kernel < 1 or self.scoring.pooling_rounds < 0:
+            raise ValueError("model.scoring: pooling_kernel must be >= 1 and pooling_rounds >= 0")
+
+    @property
+    def downsampling(self) -> int:
+        """Image pixels per latent-grid cell at the UNet's deepest level."""
+        return 2 ** (len(self.vae.block_out_channels) - 1 + len(self.unet.block_out_channels) - 1)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> ModelConfig:
+    """The model preset ``conf/model/<name>.yaml``."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no model preset {name!r} in {PRESET_DIR} (available: {', '.join(preset_names())})")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    return ModelConfig.from_dict(data)

@@ -1,0 +1,295 @@
+"""DiAD: Diffusion-based framework for multi-class Anomaly Detection (He et al., AAAI 2024,
+arXiv 2312.06607).
+
+The model ties together
+- the latent autoencoder (``autoencoder.py``; fine-tuned first on normal images, ``vae_loss``),
+- the denoiser (``unet.py``) and the Semantic-Guided network with SFF (``guide.py``, Sec. 3.2),
+  conditioned on learned context tokens (``context.py``) instead of a text prompt,
+- the frozen feature extractor (``features.py``) and the anomaly map / image score
+  (``anomdiff.scoring``, Sec. 3.3).
+
+Training (Sec. 3.1): epsilon-prediction MSE in latent space, ``|| eps - eps_theta(z_t, t, c, x0) ||^2``.
+Inference: encode x0, noise it to ``start_timestep`` (999), denoise with DDIM in ``ddim_steps`` (10)
+steps with the SG network guided by x0, decode, compare features of x0 and the reconstruction.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import init_empty_weights
+from diffusers import DDIMScheduler
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from anomdiff import scoring
+from anomdiff.models.autoencoder import build_vae, check_vae_matches, vae_loss
+from anomdiff.models.config import ModelConfig
+from anomdiff.models.context import CategoryTokens, ContextProvider
+from anomdiff.models.features import FeatureExtractor
+from anomdiff.models.guide import SemanticGuide
+from anomdiff.models.pretrained import load_pretrained
+from anomdiff.models.unet import UNET_PARTS, build_unet, check_unet_matches
+
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+STAGES = ("vae", "denoiser")
+
+
+class DiADModel(nn.Module):
+    """DiAD with learned context tokens. ``batch``: ``image`` B x 3 x H x W in [-1, 1],
+    ``category_index`` B (long), optionally ``mask`` B x 1 x H x W."""
+
+    method = "diad"
+
+    def __init__(self, cfg: ModelConfig, num_categories: int, context: ContextProvider | None = None):
+        super().__init__()
+        self.cfg, self.num_categories = cfg, num_categories
+        if cfg.pretrained:
+            unet, vae = load_pretrained(cfg.pretrained)
+            check_unet_matches(unet, cfg, cfg.pretrained)
+            check_vae_matches(vae, cfg, cfg.pretrained)
+            scale = float(vae.config.scaling_factor)
+        else:
+            unet, vae, scale = build_unet(cfg), build_vae(cfg), cfg.vae.scaling_factor
+        self.unet, self.vae = unet, vae
+        self.sg = SemanticGuide.from_unet(unet, cfg.sg)  # DiAD copies the (pretrained) UNet encoder
+        self.context_provider = context or CategoryTokens(
+            num_categories, cfg.num_context_tokens, cfg.unet.cross_attention_dim
+        )
+        if self.context_provider.dim != cfg.unet.cross_attention_dim:
+            raise ValueError(
+                f"context tokens are {self.context_provider.dim} wide, the UNet attends to "
+                f"{cfg.unet.cross_attention_dim} (model.unet.cross_attention_dim)"
+            )
+        self.features = FeatureExtractor(cfg.backbone)
+        self.register_buffer("latent_scale", torch.tensor(scale, dtype=torch.float32))
+        d = cfg.diffusion
+        self.scheduler = DDIMScheduler(
+            num_train_timesteps=d.num_train_timesteps,
+            beta_start=d.beta_start,
+            beta_end=d.beta_end,
+            beta_schedule=d.beta_schedule,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            prediction_type="epsilon",
+            timestep_spacing="trailing",
+        )
+        if cfg.unet.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            self.sg.controlnet.enable_gradient_checkpointing()
+        self.metadata: dict = {}
+        self.set_stage("denoiser")
+
+    # --- parts and stages --------------------------------------------------------------------
+
+    def _parts(self) -> dict[str, list[nn.Module]]:
+        parts = {"unet": [self.unet], "sg": [self.sg], "context": [self.context_provider]}
+        for name, children in UNET_PARTS.items():
+            parts[name] = [getattr(self.unet, child) for child in children]
+        return parts
+
+    def set_stage(self, stage: str) -> None:
+        """Select what trains: ``vae`` (autoencoder fine-tuning) or ``denoiser`` (``cfg.trainable``)."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown training stage {stage!r}; choose from {STAGES}")
+        parts = self._parts()
+        self.requires_grad_(False)
+        if stage == "vae":
+            self.vae.requires_grad_(True)
+        else:
+            for name in self.cfg.trainable:
+                if name not in parts:
+                    hint = " (the VAE trains in its own stage, set_stage('vae'))" if name == "vae" else ""
+                    raise ValueError(f"model.trainable: unknown part {name!r}{hint}; choose from {sorted(parts)}")
+                for module in parts[name]:
+                    module.requires_grad_(True)
+        self.stage = stage
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters the current stage trains (what an optimizer should get)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per component; ``total`` is their sum (the frozen backbone and the context
+        tokens, which depend on the number of categories, are not counted)."""
+        counts = {
+            "unet": sum(p.numel() for p in self.unet.parameters()),
+            "sg": sum(p.numel() for p in self.sg.parameters()),
+            "vae": sum(p.numel() for p in self.vae.parameters()),
+            "prototypes": 0,
+        }
+        counts["total"] = sum(counts.values())
+        return counts
+
+    # --- building blocks ---------------------------------------------------------------------
+
+    def _autocast(self, device: torch.device):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.autocast and device.type == "cuda")
+
+    def context(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-attention tokens ``B x T x D`` for the batch (learned, per category)."""
+        return self.context_provider(batch)
+
+    def encode(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
+        """Scaled latents of images in [-1, 1]: a posterior sample (training) or its mode."""
+        factor = self.cfg.downsampling
+        if images.shape[-1] % factor or images.shape[-2] % factor:
+            raise ValueError(f"image size {tuple(images.shape[-2:])} must be a multiple of {factor} for this model")
+        posterior = self.vae.encode(images).latent_dist
+        latents = posterior.sample(generator) if sample else posterior.mode()
+        return latents * self.latent_scale.to(latents.dtype)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.latent_scale.to(latents.dtype)).sample
+
+    def predict_noise(
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, hint: torch.Tensor
+    ) -> torch.Tensor:
+        """eps_theta(z_t, t, c, x0): UNet with the SG network's residuals (Sec. 3.2)."""
+        down, mid = self.sg(latents, timestep, context, hint)
+        return self.unet(
+            latents,
+            timestep,
+            encoder_hidden_states=context,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
+
+    @torch.no_grad()
+    def fit_latent_scale(self, images: torch.Tensor) -> float:
+        """Set the latent scale to 1 / std of the latents (LDM's ``scale_by_std``); for an
+        autoencoder trained here rather than SD's, whose scale 0.18215 is known."""
+        posterior = self.vae.encode(images).latent_dist
+        scale = 1.0 / posterior.sample().float().std().clamp_min(1e-6)
+        self.latent_scale.fill_(scale.item())
+        return float(scale)
+
+    # --- objectives --------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.training_loss(batch)
+
+    def training_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Epsilon-prediction MSE in latent space with DiAD's noise schedule."""
+        x0 = batch["image"]
+        with self._autocast(x0.device):
+            with torch.no_grad():
+                z0 = self.encode(x0, sample=True).float()
+            noise = torch.randn_like(z0)
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(z0),), device=z0.device)
+            zt = self.scheduler.add_noise(z0, noise, t)
+            context = self.context(batch)
+            p = self.cfg.diffusion.context_dropout
+            if p > 0:  # classifier-free guidance training: sometimes the unconditional context
+                drop = torch.rand(len(z0), 1, 1, device=context.device) < p
+                context = torch.where(drop, self.context_provider.unconditional(batch).to(context.dtype), context)
+            eps = self.predict_noise(zt, t, context, x0)
+        loss = F.mse_loss(eps.float(), noise.float())
+        return {"loss": loss, "mse": loss.detach()}
+
+    def vae_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Autoencoder fine-tuning loss on normal images (stage ``vae``)."""
+        x0 = batch["image"]
+        with self._autocast(x0.device):
+            return vae_loss(self.vae, x0, self.cfg.vae.kl_weight)
+
+    # --- inference ---------------------------------------------------------------------------
+
+    def inference_timesteps(self, scheduler: DDIMScheduler, device=None) -> torch.Tensor:
+        """``ddim_steps`` DDIM timesteps from ``start_timestep`` down (trailing spacing, so the
+        default start 999 is the first step exactly)."""
+        d = self.cfg.diffusion
+        total = max(d.ddim_steps, round(d.ddim_steps * d.num_train_timesteps / (d.start_timestep + 1)))
+        scheduler.set_timesteps(total, device=device)
+        return scheduler.timesteps[scheduler.timesteps <= d.start_timestep]
+
+    @torch.no_grad()
+    def reconstruct(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """DDIM reconstruction of ``batch["image"]`` (B x 3 x H x W in [-1, 1]); deterministic for a
+        fixed ``cfg.diffusion.seed`` unless a generator is given."""
+        x0 = batch["image"]
+        d = self.cfg.diffusion
+        if generator is None:
+            generator = torch.Generator(device=x0.device).manual_seed(d.seed)
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        timesteps = self.inference_timesteps(scheduler, device=x0.device)
+        with self._autocast(x0.device):
+            z0 = self.encode(x0).float()  # the DDIM chain stays in float32 under bf16 autocast
+            noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+            z = scheduler.add_noise(z0, noise, timesteps[:1].repeat(len(z0)))
+            context = self.context(batch)
+            if d.guidance:  # DiAD's classifier-free guidance: an "empty" context, the same hint
+                context = torch.cat([self.context_provider.unconditional(batch).to(context.dtype), context])
+                hint = torch.cat([x0, x0])
+            for t in timesteps:
+                if d.guidance:
+                    eps_uncond, eps_cond = self.predict_noise(torch.cat([z, z]), t, context, hint).chunk(2)
+                    eps = eps_uncond + d.guidance_scale * (eps_cond - eps_uncond)
+                else:
+                    eps = self.predict_noise(z, t, context, x0)
+                z = scheduler.step(eps.float(), t, z, eta=d.eta, generator=generator).prev_sample
+            reconstruction = self.decode(z)
+        return reconstruction.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def score(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``anomaly_map`` B x H x W, ``image_score`` B and the ``reconstruction`` (Sec. 3.3)."""
+        x0 = batch["image"]
+        reconstruction = self.reconstruct(batch)
+        with self._autocast(x0.device):
+            features = self.features(torch.cat([x0, reconstruction.to(x0.dtype)]))
+        n = len(x0)
+        s = self.cfg.scoring
+        distance = scoring.feature_distance([f[:n] for f in features], [f[n:] for f in features], tuple(x0.shape[-2:]))
+        if s.pixel_weight:
+            distance = distance + s.pixel_weight * scoring.pixel_distance(x0, reconstruction)
+        maps = scoring.gaussian_smooth(distance, s.sigma)
+        return {
+            "anomaly_map": maps,
+            "image_score": scoring.image_score(maps, rounds=s.pooling_rounds, kernel=s.pooling_kernel),
+            "reconstruction": reconstruction,
+        }
+
+    # --- persistence -------------------------------------------------------------------------
+
+    def save(self, directory: str | Path, metadata: dict | None = None) -> Path:
+        """Write ``model.safetensors`` (every weight, backbone included) and ``config.json``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
+        info = {
+            "method": self.method,
+            "num_categories": self.num_categories,
+            "config": self.cfg.to_dict(),
+            "metadata": metadata if metadata is not None else self.metadata,
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> DiADModel:
+        """Rebuild from ``save``'s folder: built on the meta device, weights assigned from the file."""
+        directory = Path(directory)
+        info = read_saved_config(directory)
+        cfg = ModelConfig.from_dict(info["config"])
+        build_cfg = ModelConfig.from_dict({"pretrained": None, "backbone": {"pretrained": None}}, base=cfg)
+        with init_empty_weights():
+            model = cls(build_cfg, info["num_categories"])
+        state = load_file(directory / WEIGHTS_FILE, device=str(device))
+        model.load_state_dict(state, strict=True, assign=True)
+        model.cfg, model.metadata = cfg, info.get("metadata", {})
+        model.set_stage("denoiser")
+        return model.to(device).eval()
+
+
+def read_saved_config(directory: str | Path) -> dict:
+    """The ``config.json`` of a saved model, with a clear error when the folder is not one."""
+    directory = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{str(directory)!r} is not a saved anomdiff model: {name} is missing")
+    return json.loads((directory / CONFIG_FILE).read_text())

@@ -1,0 +1,21 @@
+"""Parameter counts of a preset, built on the meta device (no memory, no weights, seconds).
+
+Backs ``anomdiff model params --preset P --method M --json``.
+"""
+
+from __future__ import annotations
+
+from accelerate import init_empty_weights
+
+from anomdiff.models import build_model
+from anomdiff.models.config import ModelConfig, load_preset
+
+
+def count_parameters(preset: str, method: str = "diad") -> dict[str, int]:
+    """``{"unet", "sg", "vae", "prototypes", "total"}`` for ``conf/model/<preset>.yaml`` and ``method``."""
+    cfg = ModelConfig.from_dict(
+        {"method": method, "pretrained": None, "backbone": {"pretrained": None}}, base=load_preset(preset)
+    )
+    with init_empty_weights():
+        model = build_model(cfg, num_categories=1)
+    return {key: int(value) for key, value in model.parameter_counts().items()}

@@ -1,0 +1,57 @@
+import pytest
+
+from anomdiff.models.config import ModelConfig, load_preset, preset_names
+
+
+def test_the_three_presets_load():
+    assert {"tiny", "small", "sd15"} <= set(preset_names())
+    for name in ("tiny", "small", "sd15"):
+        assert load_preset(name).method == "diad"
+
+
+def test_sd15_preset_states_diads_defaults():
+    assert load_preset("sd15") == ModelConfig()
+
+
+def test_unknown_key_is_named_with_its_dotted_path():
+    with pytest.raises(ValueError, match=r"model\.unet\.block_out_chanels"):
+        ModelConfig.from_dict({"unet": {"block_out_chanels": [1, 2]}})
+    with pytest.raises(ValueError, match=r"model\.lr"):
+        ModelConfig.from_dict({"lr": 1})
+
+
+def test_wrong_value_type_is_named():
+    with pytest.raises(TypeError, match=r"model\.diffusion\.ddim_steps"):
+        ModelConfig.from_dict({"diffusion": {"ddim_steps": "ten"}})
+    with pytest.raises(TypeError, match=r"model\.trainable"):
+        ModelConfig.from_dict({"trainable": "sg"})
+
+
+def test_yaml_style_exponent_strings_are_read_as_floats():
+    cfg = ModelConfig.from_dict({"vae": {"kl_weight": "1e-6"}})
+    assert cfg.vae.kl_weight == pytest.approx(1e-6)
+
+
+def test_partial_dict_overrides_a_base_config_and_round_trips():
+    base = load_preset("tiny")
+    cfg = ModelConfig.from_dict({"diffusion": {"guidance": True}, "backbone": {"name": "resnet34"}}, base=base)
+    assert cfg.diffusion.guidance and cfg.backbone.name == "resnet34"
+    assert cfg.unet == base.unet and not base.diffusion.guidance
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_hint_encoder_must_reach_the_latent_resolution():
+    with pytest.raises(ValueError, match="hint_channels"):
+        ModelConfig.from_dict({"sg": {"hint_channels": [16, 32]}})
+
+
+def test_invalid_connection_and_start_timestep_are_rejected():
+    with pytest.raises(ValueError, match="connect"):
+        ModelConfig.from_dict({"sg": {"connect": "shallow"}})
+    with pytest.raises(ValueError, match="start_timestep"):
+        ModelConfig.from_dict({"diffusion": {"start_timestep": 1000}})
+
+
+def test_missing_preset_lists_the_available_ones():
+    with pytest.raises(FileNotFoundError, match="tiny"):
+        load_preset("huge")
