@@ -52,7 +52,8 @@ class ZeroConfig(Section):
 
 @dataclass
 class TrainConfig(Section):
-    """Ray Train workers and the optimisation schedule (steps count optimizer steps)."""
+    """Ray Train workers and the optimisation schedule (steps count optimizer steps; ``schedule``
+    ``cosine`` warms up over the first 10% of each stage's steps and anneals to zero, or ``constant``)."""
 
     num_workers: int = 1
     use_gpu: bool = False
@@ -62,6 +63,7 @@ class TrainConfig(Section):
     lr: float = 1.0e-4
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    schedule: str = "cosine"
     vae_steps: int = 0
     vae_lr: float = 1.0e-4
     steps: int = 500
@@ -108,6 +110,8 @@ class ExperimentConfig(Section):
             raise ValueError(f"train.zero.stage must be 0-3, got {self.train.zero.stage}")
         if self.train.num_workers < 1 or self.train.batch_size < 1 or self.train.grad_accum < 1:
             raise ValueError("train.num_workers, train.batch_size and train.grad_accum must be >= 1")
+        if self.train.schedule not in ("cosine", "constant"):
+            raise ValueError(f"train.schedule must be 'cosine' or 'constant', got {self.train.schedule!r}")
         if not 0.0 <= self.data.validation_fraction < 1.0:
             raise ValueError(f"data.validation_fraction must be in [0, 1), got {self.data.validation_fraction}")
 

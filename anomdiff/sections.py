@@ -7,6 +7,7 @@ value of the wrong type fails with its dotted path. ``anomdiff.config`` (experim
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -58,7 +59,7 @@ class Section:
         for name in names:
             current = getattr(base, name)
             if name not in data:
-                values[name] = current
+                values[name] = copy.deepcopy(current)  # a derived config never shares state with its base
                 continue
             key = _join(_path, name)
             hint = hints[name]

@@ -97,8 +97,9 @@ def check_resources(cfg: ExperimentConfig) -> None:
 # --- inside each Ray Train worker -------------------------------------------------------------
 
 
-def deepspeed_config(cfg: ExperimentConfig, lr: float, stage: int) -> dict:
-    """DeepSpeed config for one engine: AdamW, ZeRO ``stage``, bf16 on GPU and fp32 on CPU."""
+def deepspeed_config(cfg: ExperimentConfig, lr: float, stage: int, steps: int) -> dict:
+    """DeepSpeed config for one engine: AdamW (cosine or constant rate over ``steps``), ZeRO
+    ``stage``, bf16 on GPU and fp32 on CPU."""
     t = cfg.train
     zero: dict = {"stage": stage}
     if t.zero.offload_optimizer and stage > 0:
@@ -110,6 +111,9 @@ def deepspeed_config(cfg: ExperimentConfig, lr: float, stage: int) -> dict:
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.grad_clip,
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": t.weight_decay}},
+        **({"scheduler": {"type": "WarmupCosineLR",
+                          "params": {"total_num_steps": steps, "warmup_num_steps": max(1, steps // 10)}}}
+           if t.schedule == "cosine" else {}),
         "zero_optimization": zero,
         "bf16": {"enabled": t.use_gpu},
         "steps_per_print": 10**9,
@@ -148,6 +152,20 @@ def _run_stage(engine, loss_fn, batches, start: int, steps: int, cfg: Experiment
             tick, done = time.perf_counter(), 0
         if on_step is not None:
             on_step(step)
+
+
+def _fit_latent_scale(model, images) -> None:
+    """After VAE fine-tuning, rescale latents to unit variance (LDM's scale_by_std), averaged over
+    ranks so every worker keeps the same model."""
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        scale = torch.tensor([model.fit_latent_scale(images)], device=images.device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(scale)
+        scale /= dist.get_world_size()
+    model.latent_scale.fill_(scale.item())
 
 
 @contextmanager
@@ -195,13 +213,15 @@ def train_worker(config: dict) -> None:
         # this stage runs at most ZeRO-2 and is redone, not resumed, if a worker fails inside it.
         model.set_stage("vae")
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(),
-                                          config=deepspeed_config(cfg, cfg.train.vae_lr, min(cfg.train.zero.stage, 2)))
+                                          config=deepspeed_config(cfg, cfg.train.vae_lr, min(cfg.train.zero.stage, 2),
+                                                                  cfg.train.vae_steps))
         with _stage_run("vae", tracked):
             _run_stage(engine, engine.module.vae_loss, train_batches, 0, cfg.train.vae_steps, cfg, "vae")
+        _fit_latent_scale(model, next(train_batches)["image"])
 
     model.set_stage("denoiser")
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(),
-                                      config=deepspeed_config(cfg, cfg.train.lr, cfg.train.zero.stage))
+                                      config=deepspeed_config(cfg, cfg.train.lr, cfg.train.zero.stage, cfg.train.steps))
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             engine.load_checkpoint(directory, tag="ds")

@@ -46,3 +46,10 @@ def test_inspect_verify_fails_on_a_modified_shard(tmp_path):
     shard.write_bytes(shard.read_bytes() + b"x")
     done = anomdiff("data", "inspect", tmp_path / "d", "--verify")
     assert done.returncode == 1 and "sha256 mismatch" in done.stderr
+
+
+def test_model_params_prints_the_sd15_counts_of_design_md():
+    done = anomdiff("model", "params", "--preset", "sd15", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"unet": 859520964, "sg": 471871120, "vae": 83653863, "prototypes": 0,
+                                       "total": 1415045947}
