@@ -57,7 +57,7 @@ def category_specs(n: int, seed: int = 0) -> list[CategorySpec]:
             "sharpness": float(rng.uniform(1, 6)),
             "octaves": float(rng.integers(2, 5)),
             "persistence": float(rng.uniform(0.4, 0.7)),
-            "cell": float(rng.uniform(0.08, 0.2)),
+            "cell": float(rng.uniform(0.12, 0.25)),
             "radius": float(rng.uniform(0.18, 0.32)),
             "ratio": float(rng.uniform(0.3, 0.6)),
             "length": float(rng.uniform(0.5, 0.75)),
@@ -116,8 +116,8 @@ def _texture(spec: CategorySpec, rng: np.random.Generator, size: int) -> np.ndar
     elif spec.family == "weave":
         cell = p["cell"]
         checker = (np.floor(u / cell) + np.floor(v / cell)) % 2
-        thread_u = 0.5 + 0.5 * np.cos(2 * np.pi * 3 * u / cell)
-        thread_v = 0.5 + 0.5 * np.cos(2 * np.pi * 3 * v / cell)
+        thread_u = 0.5 + 0.5 * np.cos(2 * np.pi * 2 * u / cell)
+        thread_v = 0.5 + 0.5 * np.cos(2 * np.pi * 2 * v / cell)
         t = np.where(checker > 0, thread_u, thread_v) * 0.8 + 0.1
     elif spec.family == "dots":
         spacing = 1.0 / f
