@@ -22,7 +22,8 @@ def tiny_config(data, out, *extra):
     return load_config(DEMO, [
         f"data.path={data}", f"output_dir={out}", "model.image_size=32", "model.vae.sample_size=32",
         "model.unet.sample_size=8", "model.diffusion.ddim_steps=2", "train.batch_size=4", "train.steps=4",
-        "train.checkpoint_every=2", "train.log_every=2", "train.validation_images=4", "data.validation_fraction=0.2",
+        "train.checkpoint_every=2", "train.log_every=2", "train.vae_steps=2", "train.validation_images=4",
+        "data.validation_fraction=0.2",
         "evaluate.batch_size=8", f"tracking.tracking_uri=sqlite:///{out.parent / 'mlflow.db'}", *extra])
 
 
