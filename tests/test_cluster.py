@@ -102,6 +102,10 @@ def ray_head(environment):
     token = (Path.home() / ".ray" / "auth_token").read_text().strip()
     try:
         wait_for(lambda: _healthy(f"{address}/api/version", token), 90, "the Ray job server")
+        # The job server answers before the head's job agent registers; a trivial job proves the path.
+        trivial = [BIN / "ray", "job", "submit", "--address", address, "--", "true"]
+        wait_for(lambda: subprocess.run(trivial, env=environment, capture_output=True).returncode == 0, 180,
+                 "the Ray job agent")
         yield {"gcs": f"127.0.0.1:{port}", "dashboard": address}
     finally:
         kill_session(temp_dir)  # not `ray stop`: that would stop every Ray on the machine
