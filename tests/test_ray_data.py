@@ -31,7 +31,8 @@ def test_ray_data_round_trip_decodes_every_row_of_the_chosen_categories(local_ra
     validation = validation_dataset(spec).take_all()
     train_ids = {r["sample_id"] for r in training_normals(spec, validation=False).take_all()}
     assert len(train) == len(train_ids)
-    validation_ids = {r["sample_id"] for r in validation}
+    validation_ids = {r["sample_id"] for r in training_normals(spec, validation=True).take_all()}
+    assert len(validation) == len(validation_ids) and "sample_id" not in validation[0]
     assert len(train_ids) + len(validation_ids) == 40 and not train_ids & validation_ids
     assert 0 < len(validation_ids) < 20
     assert {sid.split("/")[0] for sid in train_ids} == set(categories)
