@@ -96,7 +96,10 @@ def ray_head(environment):
     subprocess.run(
         [BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
          f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1", "--num-cpus=2", f"--temp-dir={temp_dir}",
-         "--include-dashboard=true", "--disable-usage-stats"],
+         "--include-dashboard=true", "--disable-usage-stats",
+         # free ports, so another Ray on the machine (a developer's, a benchmark's) cannot collide with ours
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
         env=environment, check=True, capture_output=True)
     address = f"http://127.0.0.1:{dashboard}"
     token = (Path.home() / ".ray" / "auth_token").read_text().strip()
