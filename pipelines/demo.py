@@ -32,7 +32,7 @@ def _synthesized_with(data: Path) -> dict | None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anomdiff demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--categories", type=int, default=6)
+    parser.add_argument("--categories", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="training config overrides, e.g. train.steps=400")
