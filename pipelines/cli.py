@@ -19,6 +19,7 @@ JOBS = {
     "train": "pipelines.train",
     "evaluate": "pipelines.evaluate",
     "demo": "pipelines.demo",
+    "bench": "pipelines.benchmark",
 }
 
 

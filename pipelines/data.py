@@ -42,7 +42,15 @@ def read_rows(spec: DataSpec, split: str, categories: list[str] | None = None) -
     paths = shard_paths(spec.path, manifest, split, categories or spec.categories())
     if not paths:
         raise ValueError(f"{spec.path}: no {split} shards for the chosen categories")
-    return ray.data.read_parquet(paths).select_columns(list(COLUMNS))
+    # Ray Data's V2 Parquet reader lists the files and reads every footer in one task before the
+    # first row (11 s for 160 category files here, `anomdiff bench`); the V1 reader plans read tasks
+    # straight from the paths (0.8 s). The manifest already gives exact files and sizes.
+    context = ray.data.DataContext.get_current()
+    use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(paths).select_columns(list(COLUMNS))
+    finally:
+        context.use_datasource_v2 = use_v2
 
 
 def _decoded(rows: ray.data.Dataset, spec: DataSpec, categories: list[str]) -> ray.data.Dataset:

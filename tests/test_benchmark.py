@@ -1,0 +1,151 @@
+"""The benchmark job: its arithmetic, its byte counting, and the document a tiny run writes."""
+
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import benchmark
+
+MINUSCULE = benchmark.Sizes(
+    train_images=20, stored_size=64, test_per_category=2, repeats=1, train_steps=5, warmup_steps=1, scaling_steps=4,
+    zero_preset="tiny", zero_overrides=("model.image_size=32", "model.vae.sample_size=32", "model.unet.sample_size=8"),
+    scoring_images=2, scoring_batch=2, metric_maps=100, metric_size=32,
+)
+
+
+def test_mfu_is_achieved_flops_over_the_peak():
+    assert benchmark.mfu(2e12, 0.5, 8e12) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="positive"):
+        benchmark.mfu(1e12, 0.0, 1e15)
+
+
+@pytest.mark.parametrize(("name", "tflops"), [
+    ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0),
+])
+def test_peak_table_tells_the_variants_apart(name, tflops):
+    assert benchmark.peak_bf16_flops(name) == pytest.approx(tflops * 1e12)
+
+
+def test_an_unknown_device_has_no_peak():
+    assert benchmark.peak_bf16_flops("Some Future Accelerator") is None
+
+
+def test_step_time_is_the_median_interval_after_warm_up():
+    assert benchmark.median_step([0.0, 10.0, 11.0, 12.5, 13.5], warmup=1) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no step"):
+        benchmark.median_step([0.0, 1.0], warmup=1)
+
+
+def test_timed_batches_stamp_every_request_and_repeat_a_fixed_batch():
+    batch = {"image": torch.zeros(1)}
+    timed = benchmark.TimedBatches(batch)
+    assert [next(timed) for _ in range(3)] == [batch] * 3 and len(timed.times) == 3
+    assert timed.times == sorted(timed.times)
+    cycled = benchmark.TimedBatches(iter([1, 2]))
+    assert list(cycled) == [1, 2] and len(cycled.times) == 3  # the failed third request is stamped too
+
+
+def test_operator_stats_are_read_from_the_dataset_stats_text():
+    text = ("Operator 1 ListFiles: 1 tasks executed, 1 blocks produced in 20.17s\n* Remote wall time: ...\n"
+            "Operator 3 MapBatches(SelectHoldout)->MapBatches(DecodeBatch): 10 tasks executed, 20 blocks produced "
+            "in 1.45s\n")
+    assert benchmark.parse_operator_stats(text) == {
+        "ListFiles": {"tasks": 1, "wall_s": 20.17},
+        "MapBatches(SelectHoldout)->MapBatches(DecodeBatch)": {"tasks": 10, "wall_s": 1.45}}
+
+
+def test_synthetic_maps_are_seeded_and_every_category_has_both_labels():
+    categories, scores, labels, maps, masks = benchmark.synthetic_maps(40, 16, seed=3)
+    again = benchmark.synthetic_maps(40, 16, seed=3)
+    assert np.array_equal(maps, again[3]) and maps.shape == masks.shape == (40, 16, 16)
+    for name in np.unique(categories):
+        assert set(labels[categories == name]) == {0, 1}
+    assert (masks.reshape(40, -1).max(axis=1) == labels).all()
+    assert np.allclose(scores, maps.reshape(40, -1).max(axis=1))
+
+
+def _adam_engine():
+    torch.manual_seed(0)
+    module = torch.nn.Linear(4, 3)  # 15 parameters, 60 bytes
+    optimizer = torch.optim.Adam(module.parameters())
+    module(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    return types.SimpleNamespace(module=module, optimizer=optimizer)
+
+
+def test_footprint_of_a_plain_optimizer_counts_parameters_gradients_and_adam_state():
+    counted = benchmark.zero_footprint(_adam_engine())
+    # Adam keeps two moments per parameter and a 4-byte step per tensor.
+    assert counted == {"parameters": 60, "optimizer_state": 2 * 60 + 2 * 4, "gradients": 60, "buffers": 0,
+                       "total": 60 + 128 + 60}
+
+
+def test_footprint_counts_a_partitioned_rank_and_shared_storage_once():
+    engine = _adam_engine()
+    flat = torch.zeros(8)  # this rank's gradient partition; the per-parameter entries are views into it
+    bucket = types.SimpleNamespace(buffer=torch.zeros(100))
+    inner = engine.optimizer
+    for p in engine.module.parameters():
+        p.ds_tensor = p.data.flatten()[: p.numel() // 2].clone()
+        p.grad = None
+    engine.optimizer = types.SimpleNamespace(
+        optimizer=inner, averaged_gradients={0: [flat[:4], flat[4:]]}, ipg_buckets={torch.float32: bucket})
+    counted = benchmark.zero_footprint(engine)
+    assert counted["parameters"] == 60 + 4 * (6 + 1)  # the whole tensors still held, plus the partitions
+    assert counted["gradients"] == 8 * 4 and counted["buffers"] == 100 * 4
+    assert counted["total"] == counted["parameters"] + counted["optimizer_state"] + counted["gradients"]
+
+
+def test_tiny_run_writes_the_documented_shape(tmp_path):
+    doc = benchmark.run(sections=("scoring", "metrics", "gpu"), workdir=str(tmp_path), sizes=MINUSCULE)
+    assert set(benchmark.SECTIONS) <= set(doc)
+    assert doc["ingest"] is None and doc["train_overhead"] is None and doc["zero_memory"] is None
+    assert doc["gpu"] is None or "mfu" in doc["gpu"]
+    scoring = doc["scoring"]
+    assert scoring["images_per_s"] > 0 and scoring["ratio_vs_guidance"] > 0 and scoring["ddim_steps"] == 10
+    metrics = doc["metrics"]
+    assert metrics["n_maps"] == {"streaming": 100, "exact": 100} and metrics["speedup"] > 0
+    assert metrics["max_abs_difference"] < 0.01
+    assert doc["targets"] == {"train_overhead_ratio_le_1.10": None, "zero_stage3_le_0.55_stage0": None,
+                              "ingest_160_over_10_within_10pct": None}
+    assert json.loads(json.dumps(doc)) == doc
+    table = benchmark.markdown_table(doc)
+    assert "guidance off / on" in table and "metrics at 100 maps" in table
+
+
+def test_device_section_runs_on_the_cpu_with_the_tiny_preset():
+    with benchmark.torch_threads(1):  # two threads on a shared 2-core machine wait on each other
+        result = benchmark.device_benchmark(quick=True, device="cpu", preset="tiny", batch_size=2, image_size=64,
+                                            peak_tflops=1.0, steps=1)
+    assert result["flops_per_step"] > 0 and result["train_images_per_s"] > 0 and result["score_latency_s"] > 0
+    assert result["mfu"] == pytest.approx(result["flops_per_step"] / result["train_step_s"] / 1e12)
+    assert result["plain_adamw_peak_bytes"] is None and result["ddim_steps"] == 10
+
+
+def test_an_unknown_section_is_refused():
+    with pytest.raises(ValueError, match="unknown sections"):
+        benchmark.main(["--sections", "ingest,warp_drive"])
+
+
+@pytest.mark.slow
+def test_ray_sections_on_a_local_ray(tmp_path):
+    ray = pytest.importorskip("ray")
+    try:
+        doc = benchmark.run(sections=("ingest", "zero_memory"), workdir=str(tmp_path), sizes=MINUSCULE)
+    finally:
+        ray.shutdown()
+    ingest = doc["ingest"]
+    assert ingest["images"] > 0 and ingest["ratio"] == pytest.approx(
+        ingest["images_per_s"] / ingest["baseline_images_per_s"])
+    stages = doc["zero_memory"]["per_stage"]
+    assert set(stages) == {"0", "1", "2", "3", "3_persist_0"}
+    # Two ranks: ZeRO-1 halves the Adam moments (plus an fp32 master partition), ZeRO-2 also the
+    # gradients, ZeRO-3 without persistent tensors also the parameters.
+    assert stages["1"]["optimizer_state"] < stages["0"]["optimizer_state"]
+    assert stages["2"]["gradients"] < stages["0"]["gradients"]
+    assert stages["3_persist_0"]["parameters"] < stages["0"]["parameters"]
+    assert doc["zero_memory"]["ratio"] == pytest.approx(stages["3"]["total"] / stages["0"]["total"])
