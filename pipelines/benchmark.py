@@ -52,6 +52,9 @@ from anomdiff.atomic import write_json_atomic
 from anomdiff.config import ExperimentConfig, load_config
 
 SECTIONS = ("ingest", "train_overhead", "zero_memory", "scoring", "metrics", "category_scaling", "gpu")
+# Run only when named in --sections: each trains every method with the demo's budget (minutes each).
+OPTIONAL_SECTIONS = ("methods",)
+METHOD_CATEGORIES = 32
 SCALING_CATEGORIES = (10, 40, 160)
 SCORING_DDIM_STEPS = 10
 TARGETS = {"train_overhead_ratio_max": 1.10, "zero_stage3_over_stage0_max": 0.55, "ingest_160_over_10_tolerance": 0.10}
@@ -769,6 +772,54 @@ def category_cost(batch: dict, sizes: Sizes, threads: int, counts=SCALING_CATEGO
     return out
 
 
+def _denoiser_steps_per_s(output_dir: Path) -> float | None:
+    """Median steps/s the training job logged for its denoiser stage (its nested MLflow run)."""
+    import mlflow
+
+    parent = (output_dir / "mlflow_run_id").read_text().strip()
+    client = mlflow.MlflowClient()
+    experiment = client.get_run(parent).info.experiment_id
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent}' "
+                                                "and tags.mlflow.runName = 'denoiser'")
+    history = [m.value for run in children for m in client.get_metric_history(run.info.run_id, "steps_per_s")]
+    return float(np.median(history)) if history else None
+
+
+def methods_section(work: Path, sizes: Sizes, methods: tuple[str, ...] = ("diad", "dpdiff"),
+                    num_categories: int = METHOD_CATEGORIES) -> dict:
+    """Every method at the same budget: ``conf/experiment/demo.yaml`` (steps, workers, ZeRO stage,
+    seed) with only ``model.method`` changed, trained by ``pipelines.train`` on the same synthetic
+    categories and evaluated by ``pipelines.evaluate`` on their test split (the exported model is
+    the checkpoint chosen on validation, never on test)."""
+    from anomdiff.config import CONF_DIR
+    from anomdiff.data.synthetic import synthesize
+    from pipelines import evaluate, train
+
+    data = work / "data"
+    synthesize(data, num_categories, seed=0, image_size=64)
+    out = {"categories": num_categories, "experiment": "demo"}
+    for method in methods:
+        run_dir = work / method
+        cfg = load_config(CONF_DIR / "experiment" / "demo.yaml",
+                          [f"data.path={data}", f"output_dir={run_dir}", f"model.method={method}",
+                           "tracking.experiment=anomdiff-bench-methods"])
+        tick = time.perf_counter()
+        train.run(cfg)
+        train_s = time.perf_counter() - tick
+        doc = evaluate.evaluate(str(run_dir / "model"), str(data), str(run_dir / "evaluation"),
+                                ["tracking.experiment=anomdiff-bench-methods"])
+        steps_per_s = _denoiser_steps_per_s(run_dir)
+        out[method] = {**{k: doc["mean"][k] for k in ("image_auroc", "pixel_auroc", "aupro")},
+                       "train_s": train_s, "denoiser_step_s": 1 / steps_per_s if steps_per_s else None,
+                       "steps": cfg.train.steps, "vae_steps": cfg.train.vae_steps}
+        print(f"[bench] {method}: image AUROC {doc['mean']['image_auroc']:.3f}, pixel AUROC "
+              f"{doc['mean']['pixel_auroc']:.3f}, trained in {train_s:.0f} s", flush=True)
+    if "diad" in out:
+        for method in methods:
+            out[method]["step_ratio_over_diad"] = ratio(out[method]["denoiser_step_s"], out["diad"]["denoiser_step_s"])
+    return out
+
+
 # --- GPU (library only: runs without Ray) ------------------------------------------------------
 
 
@@ -881,7 +932,7 @@ def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS, workdir: str 
     sizes = sizes or (QUICK if quick else Sizes())
     start = time.perf_counter()
     doc: dict = {"quick": quick, "sizes": json.loads(json.dumps(asdict(sizes))), "machine": machine(),
-                 **dict.fromkeys(SECTIONS)}
+                 **dict.fromkeys(SECTIONS), **{k: None for k in OPTIONAL_SECTIONS if k in sections}}
     wanted = set(sections)
     ray_sections = {"ingest", "train_overhead", "zero_memory", "category_scaling"} & wanted
     with tempfile.TemporaryDirectory(prefix="anomdiff-bench-", dir=workdir) as tmp:
@@ -901,7 +952,7 @@ def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS, workdir: str 
         if "gpu" in wanted:
             _progress(start, "GPU: " + ("measuring" if _has_cuda() else "no CUDA device, skipped"))
             doc["gpu"] = device_benchmark(quick, peak_tflops=peak_tflops)
-        if ray_sections or (doc["gpu"] and os.environ.get("RAY_ADDRESS")):
+        if ray_sections or "methods" in wanted or (doc["gpu"] and os.environ.get("RAY_ADDRESS")):
             _start_ray()
             doc["machine"]["ray_cluster"] = _cluster_resources()
         if {"train_overhead", "category_scaling"} & wanted:
@@ -920,6 +971,9 @@ def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS, workdir: str 
         if "zero_memory" in wanted:
             _progress(start, f"ZeRO memory: stages 0-3 on 2 workers ({sizes.zero_preset} preset)")
             doc["zero_memory"] = zero_section(sizes, work / "ray")
+        if "methods" in wanted:
+            _progress(start, f"methods: each trained by the demo experiment on {METHOD_CATEGORIES} categories")
+            doc["methods"] = methods_section(work / "methods", sizes)
         if doc["gpu"] and _cluster_resources().get("GPU", 0) >= 2:
             _progress(start, "GPU: ZeRO stages 0-3 at DiAD's batch 12 on 2 GPU workers (sd15 preset)")
             doc["gpu"]["zero_memory"] = zero_section(replace(sizes, zero_preset="sd15", zero_overrides=()),
@@ -1010,6 +1064,13 @@ def markdown_table(doc: dict) -> str:
                              f"+{extra:,} parameters ({16 * extra / 2**20:.1f} MiB to train), step time "
                              f"x{_fmt(row['step_ratio_over_diad'])}; +{row['parameters_per_category']:.0f} "
                              "parameters per category", ""))
+    if doc.get("methods"):
+        m = doc["methods"]
+        for method in (k for k, v in m.items() if isinstance(v, dict)):
+            r = m[method]
+            rows.append((f"{method}, demo budget, {m['categories']} categories: image / pixel AUROC, denoiser step",
+                         f"{_fmt(r['image_auroc'], '.3f')} / {_fmt(r['pixel_auroc'], '.3f')}, "
+                         f"{_fmt(r['denoiser_step_s'], '.2f')} s (x{_fmt(r.get('step_ratio_over_diad'))} diad)", ""))
     if doc.get("gpu"):
         g = doc["gpu"]
         rows.append((f"GPU {g['device']}: {g['preset']} training, batch {g['batch_size']}",
@@ -1026,15 +1087,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes: under 5 minutes on 2 cores")
     parser.add_argument("--json", dest="json_out", help="write the benchmark document here")
     parser.add_argument("--sections", default=",".join(SECTIONS),
-                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+                        help=f"comma-separated subset of {','.join(SECTIONS + OPTIONAL_SECTIONS)} (default: all "
+                             f"but {','.join(OPTIONAL_SECTIONS)})")
     parser.add_argument("--workdir", help="where the synthetic shards go (shared storage on a cluster; "
                                           "default: a temporary folder)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
     args = parser.parse_args(argv)
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
-    unknown = sorted(set(sections) - set(SECTIONS))
+    unknown = sorted(set(sections) - set(SECTIONS + OPTIONAL_SECTIONS))
     if unknown:
-        raise ValueError(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+        raise ValueError(f"unknown sections {unknown}; choose from {', '.join(SECTIONS + OPTIONAL_SECTIONS)}")
     doc = run(args.quick, sections, args.workdir, args.peak_tflops)
     print(markdown_table(doc))
     print(json.dumps(doc["targets"]))

@@ -53,6 +53,14 @@ def read_rows(spec: DataSpec, split: str, categories: list[str] | None = None) -
         context.use_datasource_v2 = use_v2
 
 
+def quiet_data_logs() -> None:
+    """No progress bars and no per-execution plan lines from Ray Data: the jobs print their own
+    progress, and a training run re-executes its dataset every epoch."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
 def _decoded(rows: ray.data.Dataset, spec: DataSpec, categories: list[str]) -> ray.data.Dataset:
     return rows.map_batches(DecodeBatch(spec.image_size, categories), batch_size=spec.batch_size,
                             num_cpus=spec.decode_cpus, batch_format="pyarrow")

@@ -12,6 +12,7 @@ running it again resumes or reuses the finished run.
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -27,7 +28,9 @@ def _synthesized_with(data: Path) -> dict | None:
     if not (data / "manifest.json").is_file():
         return None
     manifest = read_manifest(data)
-    return {"seed": manifest.get("seed"), "image_size": manifest["image_size"], "categories": len(manifest["counts"])}
+    counts = manifest["counts"].values()
+    return {"seed": manifest.get("seed"), "image_size": manifest["image_size"], "categories": len(manifest["counts"]),
+            "train_per_category": max(c["train"]["normal"] for c in counts)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--categories", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-per-category", type=int, default=40)
     parser.add_argument("overrides", nargs="*", help="training config overrides, e.g. train.steps=400")
     args = parser.parse_args(argv)
     start = time.perf_counter()
@@ -42,9 +46,14 @@ def main(argv: list[str] | None = None) -> None:
     home = tracking.anomdiff_home() / "demo"
     data = home / "data"
     print(f"[1/3] synthesizing {args.categories} categories into {data}", flush=True)
-    wanted = {"seed": args.seed, "image_size": args.image_size, "categories": args.categories}
+    wanted = {"seed": args.seed, "image_size": args.image_size, "categories": args.categories,
+              "train_per_category": args.train_per_category}
     if _synthesized_with(data) != wanted:
-        synthesize(data, args.categories, seed=args.seed, image_size=args.image_size, overwrite=True)
+        if (home / "run").exists():  # trained on the previous dataset: resuming it would mix the two
+            print(f"the dataset settings changed: removing the previous demo run {home / 'run'}", flush=True)
+            shutil.rmtree(home / "run")
+        synthesize(data, args.categories, seed=args.seed, image_size=args.image_size,
+                   train_per_category=args.train_per_category, overwrite=True)
     manifest = read_manifest(data)
     problems = verify(data, manifest)
     if problems:

@@ -28,7 +28,7 @@ from anomdiff.config import EvaluateConfig, TrackingConfig, parse_override
 from anomdiff.data.manifest import read_manifest
 from anomdiff.models.config import ModelConfig
 from pipelines import tracking
-from pipelines.data import DataSpec, test_dataset
+from pipelines.data import DataSpec, quiet_data_logs, test_dataset
 
 THUMBNAIL = 128
 
@@ -110,7 +110,7 @@ def evaluate(model_dir: str, data_path: str, out_dir: str | None = None, overrid
     out = Path(out_dir or Path(model_dir).parent / "evaluation")
 
     ray.init(ignore_reinit_error=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_data_logs()
     image_size = saved["config"]["image_size"]
     spec = DataSpec(data_path, image_size, batch_size=eval_cfg.batch_size)
     scored = test_dataset(spec, categories=categories, subset=evaluated).map_batches(

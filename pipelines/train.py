@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -38,7 +39,7 @@ from anomdiff.atomic import write_json_atomic
 from anomdiff.config import ExperimentConfig, load_config, save_config
 from anomdiff.data.manifest import read_manifest
 from pipelines import tracking
-from pipelines.data import DataSpec, train_dataset, validation_dataset
+from pipelines.data import DataSpec, quiet_data_logs, train_dataset, validation_dataset
 
 SELECTION_METRIC = "val_image_auroc"
 STATE_FILE = "train_state.json"
@@ -128,6 +129,14 @@ def _batches(shard, cfg: ExperimentConfig, device):
                                             local_shuffle_buffer_size=cfg.data.shuffle_buffer)
 
 
+def _progress(message: str) -> None:
+    """A worker's progress line. Ray Train turns a worker's ``print`` into a record of the root logger
+    and, when a library has wrapped ``sys.stdout`` (MLflow does), prints it as well: every line would
+    show twice. The root logger is the one Ray Train shows (a named logger made at import time is
+    disabled when Train configures logging in the worker)."""
+    logging.getLogger().info(message)
+
+
 def _run_stage(engine, loss_fn, batches, start: int, steps: int, cfg: ExperimentConfig, label: str,
                on_step=None) -> None:
     """Optimizer steps ``start..steps`` of one stage, logging loss, steps/s, images/s and ETA;
@@ -144,8 +153,8 @@ def _run_stage(engine, loss_fn, batches, start: int, steps: int, cfg: Experiment
         if step % cfg.train.log_every == 0 and context.get_world_rank() == 0:
             seconds = (time.perf_counter() - tick) / done
             eta = time.strftime("%H:%M:%S", time.gmtime(seconds * (steps - step)))
-            print(f"[{label}] step {step}/{steps} loss {out['loss'].item():.4f} | {1 / seconds:.2f} steps/s "
-                  f"{images_per_step / seconds:.1f} images/s | ETA {eta}", flush=True)
+            _progress(f"[{label}] step {step}/{steps} loss {out['loss'].item():.4f} | {1 / seconds:.2f} steps/s "
+                      f"{images_per_step / seconds:.1f} images/s | ETA {eta}")
             if mlflow.active_run():
                 mlflow.log_metrics({"loss": out["loss"].item(), "steps_per_s": 1 / seconds,
                                     "images_per_s": images_per_step / seconds}, step)
@@ -242,9 +251,9 @@ def train_worker(config: dict) -> None:
                 write_json_atomic(Path(directory) / STATE_FILE, {"step": step, **result})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         if rank == 0:
-            print(f"[validate] step {step}: image AUROC {result['val_image_auroc']:.3f}, "
-                  f"pixel AUROC {result['val_pixel_auroc']:.3f} on {result['val_images']} held-out normals "
-                  "and their pasted-defect copies", flush=True)
+            _progress(f"[validate] step {step}: image AUROC {result['val_image_auroc']:.3f}, "
+                      f"pixel AUROC {result['val_pixel_auroc']:.3f} on {result['val_images']} held-out normals "
+                      "and their pasted-defect copies")
             if mlflow.active_run():
                 mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step)
 
@@ -299,7 +308,7 @@ def run(cfg: ExperimentConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / RESOLVED_CONFIG)
     ray.init(ignore_reinit_error=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the trainer prints its own progress
+    quiet_data_logs()
     check_resources(cfg)
 
     spec = data_spec(cfg)
