@@ -131,9 +131,9 @@ def _batches(shard, cfg: ExperimentConfig, device):
 
 def _progress(message: str) -> None:
     """A worker's progress line. Ray Train turns a worker's ``print`` into a record of the root logger
-    and, when a library has wrapped ``sys.stdout`` (MLflow does), prints it as well: every line would
-    show twice. The root logger is the one Ray Train shows (a named logger made at import time is
-    disabled when Train configures logging in the worker)."""
+    and, when something in the worker has wrapped ``sys.stdout``, prints it as well: with Ray 2.60
+    every line showed twice. The root logger is the one Ray Train shows (a logger named at import
+    time stayed silent: Train configures logging in the worker after the import)."""
     logging.getLogger().info(message)
 
 
