@@ -184,8 +184,8 @@ def machine() -> dict:
 
     cpu = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo") if line.startswith(
         "model name")), platform.processor())
-    mem_kb = next((int(line.split()[1]) for line in _read_lines("/proc/meminfo") if line.startswith("MemTotal")), 0)
-    info = {"cpu": cpu, "cpus": os.cpu_count(), "memory_bytes": mem_kb * 1024, "python": platform.python_version(),
+    info = {"cpu": cpu, "cpus": os.cpu_count(), "memory_bytes": _proc_bytes("/proc/meminfo", "MemTotal"),
+            "python": platform.python_version(),
             "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "load_average": [round(x, 2) for x in os.getloadavg()],
             "ray_data_env": {k: v for k, v in os.environ.items() if k.startswith("RAY_DATA_")}}
@@ -204,8 +204,9 @@ def _read_lines(path: str) -> list[str]:
         return []
 
 
-def _available_memory() -> int:
-    kb = next((int(line.split()[1]) for line in _read_lines("/proc/meminfo") if line.startswith("MemAvailable")), 0)
+def _proc_bytes(path: str, field: str) -> int:
+    """A ``Field:  N kB`` line of a /proc file in bytes (0 where the file or field is missing)."""
+    kb = next((int(line.split()[1]) for line in _read_lines(path) if line.startswith(field + ":")), 0)
     return kb * 1024
 
 
@@ -711,8 +712,7 @@ def metrics_run(mode: str, n_maps: int, size: int) -> dict:
 def _status_bytes(field: str) -> int:
     """A memory figure of this process from /proc/self/status (``VmRSS`` now, ``VmHWM`` its peak). The
     peak restarts at exec, unlike ``ru_maxrss``, which a child inherits from the parent it forked from."""
-    kb = next((int(line.split()[1]) for line in _read_lines("/proc/self/status") if line.startswith(field + ":")), 0)
-    return kb * 1024
+    return _proc_bytes("/proc/self/status", field)
 
 
 def _metrics_in_subprocess(mode: str, n_maps: int, size: int) -> dict:
@@ -727,7 +727,8 @@ def _metrics_in_subprocess(mode: str, n_maps: int, size: int) -> dict:
 def metrics_section(sizes: Sizes) -> dict:
     """Section 5: streaming against exact, each in a fresh process; exact shrinks to fit in memory."""
     size, n = sizes.metric_size, sizes.metric_maps
-    fits = int(0.6 * _available_memory() / (EXACT_BYTES_PER_PIXEL * size * size)) // METRIC_CHUNK * METRIC_CHUNK
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
+    fits = int(0.6 * available / (EXACT_BYTES_PER_PIXEL * size * size)) // METRIC_CHUNK * METRIC_CHUNK
     n_exact = max(METRIC_CHUNK, min(n, fits))
     streaming = _metrics_in_subprocess("streaming", n, size)
     exact = _metrics_in_subprocess("exact", n_exact, size)
@@ -889,14 +890,15 @@ def device_benchmark(quick: bool, device: str = "cuda", preset: str = "sd15", ba
 def _start_ray() -> None:
     """Join the cluster named by RAY_ADDRESS, or start a local Ray on this machine's cores."""
     import ray
-    import ray.data
+
+    from pipelines.data import quiet_data_logs
 
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:  # "local": a new instance even when someone else's `ray start` runs on this machine
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False,
                  log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_data_logs()
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the sections print their own progress
 
 

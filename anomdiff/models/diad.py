@@ -150,6 +150,12 @@ class DiADModel(nn.Module):
     ) -> torch.Tensor:
         """eps_theta(z_t, t, c, x0): UNet with the SG network's residuals (Sec. 3.2)."""
         down, mid = self.sg(latents, timestep, context, hint)
+        return self.unet_with_residuals(latents, timestep, context, down, mid)
+
+    def unet_with_residuals(
+        self, latents: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor, down: list, mid: torch.Tensor
+    ) -> torch.Tensor:
+        """The denoising UNet's noise prediction with residuals added to its skip and middle features."""
         return self.unet(
             latents,
             timestep,

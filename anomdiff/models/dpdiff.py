@@ -109,13 +109,7 @@ class DPDiffModel(DiADModel):
             local = self.prototype_condition(hint).local
         down, mid = self.sg(latents, timestep, context, hint)
         down, mid = self.prototypes.residuals(local, down, mid)
-        return self.unet(
-            latents,
-            timestep,
-            encoder_hidden_states=context,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-        ).sample
+        return self.unet_with_residuals(latents, timestep, context, down, mid)
 
     # --- objectives and inference ------------------------------------------------------------
 
