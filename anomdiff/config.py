@@ -29,7 +29,11 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 @dataclass
 class DataConfig(Section):
-    """Which dataset and categories to read, and the seeded validation hold-out of training normals."""
+    """Which dataset and categories to read, and the seeded validation hold-out of training normals.
+
+    ``cache`` decodes the training images once and keeps them in Ray's object store instead of
+    re-reading the shards every epoch: for datasets that fit in memory (the demo's epoch is 17
+    steps, and each new streaming pass waits ~0.5 s for its first batch on two cores)."""
 
     path: str = ""
     num_categories: int | None = None
@@ -39,6 +43,7 @@ class DataConfig(Section):
     balanced: bool = False
     shuffle_buffer: int = 256
     decode_cpus: float = 0.5
+    cache: bool = False
 
 
 @dataclass

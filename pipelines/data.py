@@ -31,9 +31,19 @@ class DataSpec:
     batch_size: int = 32
     decode_cpus: float = 0.5
     balanced: bool = False
+    cache: bool = False
 
     def categories(self) -> list[str]:
         return nested_subset(list(read_manifest(self.path)["counts"]), self.num_categories, self.category_seed)
+
+
+def decoded_train_bytes(spec: DataSpec) -> int:
+    """An upper bound of the decoded training rows' size (uint8 images), before the validation
+    hold-out and after category balancing: what ``cache`` keeps in the object store."""
+    counts = read_manifest(spec.path)["counts"]
+    sizes = [counts[c]["train"]["normal"] for c in spec.categories()]
+    rows = len(sizes) * max(sizes) if spec.balanced else sum(sizes)
+    return rows * 3 * spec.image_size**2
 
 
 def read_rows(spec: DataSpec, split: str, categories: list[str] | None = None) -> ray.data.Dataset:
@@ -61,31 +71,34 @@ def quiet_data_logs() -> None:
     context.print_on_execution_start = False
 
 
-def _decoded(rows: ray.data.Dataset, spec: DataSpec, categories: list[str]) -> ray.data.Dataset:
-    return rows.map_batches(DecodeBatch(spec.image_size, categories), batch_size=spec.batch_size,
+def _decoded(rows: ray.data.Dataset, spec: DataSpec, categories: list[str], uint8: bool = False) -> ray.data.Dataset:
+    return rows.map_batches(DecodeBatch(spec.image_size, categories, uint8), batch_size=spec.batch_size,
                             num_cpus=spec.decode_cpus, batch_format="pyarrow")
 
 
-def training_normals(spec: DataSpec, validation: bool) -> ray.data.Dataset:
+def training_normals(spec: DataSpec, validation: bool, uint8: bool = False) -> ray.data.Dataset:
     """Decoded training-split rows: the validation hold-out (``validation=True``) or the rest."""
     categories = spec.categories()
     select = SelectHoldout(spec.validation_fraction, spec.validation_seed, validation)
     rows = read_rows(spec, "train", categories).map_batches(select, batch_format="pyarrow", num_cpus=spec.decode_cpus)
-    return _decoded(rows, spec, categories)
+    return _decoded(rows, spec, categories, uint8)
 
 
 def train_dataset(spec: DataSpec) -> ray.data.Dataset:
-    """Training normals minus the seeded validation hold-out, decoded, as tensors only (for
-    ``iter_torch_batches``: the string ``sample_id`` is dropped). With ``balanced``, each category's
-    rows repeat so that every category contributes about as many samples per epoch as the largest."""
-    data = training_normals(spec, validation=False)
+    """Training normals minus the seeded validation hold-out: uint8 ``image`` (normalise with
+    ``anomdiff.data.transforms.unit_range`` on the device) and ``category_index``, the columns a
+    training step reads (all normal: no mask or label). With ``balanced``, each category's rows
+    repeat so that every category contributes about as many samples per epoch as the largest.
+    With ``cache``, the decoded rows are computed once and held in the object store."""
+    data = training_normals(spec, validation=False, uint8=True)
     if spec.balanced:
         categories = spec.categories()
         counts = {c: read_manifest(spec.path)["counts"][c]["train"]["normal"] for c in categories}
         factors = {c: round(max(counts.values()) / counts[c]) for c in categories}
         data = data.map_batches(RepeatByCategory(factors, categories), batch_format="numpy",
                                 num_cpus=spec.decode_cpus)
-    return data.drop_columns(["sample_id"])
+    data = data.select_columns(["image", "category_index"])
+    return data.materialize() if spec.cache else data
 
 
 def validation_dataset(spec: DataSpec) -> ray.data.Dataset:

@@ -38,8 +38,9 @@ from ray.train.torch import TorchTrainer
 from anomdiff.atomic import write_json_atomic
 from anomdiff.config import ExperimentConfig, load_config, save_config
 from anomdiff.data.manifest import read_manifest
+from anomdiff.data.transforms import unit_range
 from pipelines import tracking
-from pipelines.data import DataSpec, quiet_data_logs, train_dataset, validation_dataset
+from pipelines.data import DataSpec, decoded_train_bytes, quiet_data_logs, train_dataset, validation_dataset
 
 SELECTION_METRIC = "val_image_auroc"
 STATE_FILE = "train_state.json"
@@ -52,7 +53,7 @@ RESOLVED_CONFIG = "config.yaml"
 def data_spec(cfg: ExperimentConfig) -> DataSpec:
     d = cfg.data
     return DataSpec(d.path, cfg.model.image_size, d.num_categories, d.category_seed, d.validation_fraction,
-                    d.validation_seed, cfg.train.batch_size, d.decode_cpus, d.balanced)
+                    d.validation_seed, cfg.train.batch_size, d.decode_cpus, d.balanced, d.cache)
 
 
 def preflight(cfg: ExperimentConfig) -> list[str]:
@@ -84,7 +85,8 @@ def _config_text(cfg: ExperimentConfig) -> str:
 
 
 def check_resources(cfg: ExperimentConfig) -> None:
-    """Refuse a worker count the cluster cannot place, instead of waiting forever."""
+    """Refuse a worker count the cluster cannot place, instead of waiting forever, and a training
+    cache the object store cannot hold."""
     t = cfg.train
     available = ray.cluster_resources()
     need = {"CPU": t.num_workers * t.cpus_per_worker, "GPU": t.num_workers if t.use_gpu else 0}
@@ -93,6 +95,12 @@ def check_resources(cfg: ExperimentConfig) -> None:
             raise ValueError(
                 f"train.num_workers={t.num_workers} needs {amount:g} {resource} but the cluster has "
                 f"{available.get(resource, 0):g}; lower train.num_workers or train.cpus_per_worker")
+    if cfg.data.cache:
+        need, store = decoded_train_bytes(data_spec(cfg)), available.get("object_store_memory", 0)
+        if need > store / 2:
+            raise ValueError(f"data.cache=true keeps up to {need / 2**30:.1f} GiB of decoded training images in "
+                             f"Ray's object store of {store / 2**30:.1f} GiB (at most half may go to it); "
+                             "set data.cache=false to stream from the shards")
 
 
 # --- inside each Ray Train worker -------------------------------------------------------------
@@ -123,10 +131,13 @@ def deepspeed_config(cfg: ExperimentConfig, lr: float, stage: int, steps: int) -
 
 
 def _batches(shard, cfg: ExperimentConfig, device):
-    """Endless stream of training batches from this worker's shard (one pass = one epoch)."""
+    """Endless stream of training batches from this worker's shard (one pass = one epoch), uint8
+    pixels brought to [-1, 1] on ``device``."""
     while True:
-        yield from shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device, drop_last=True,
-                                            local_shuffle_buffer_size=cfg.data.shuffle_buffer)
+        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device, drop_last=True,
+                                              local_shuffle_buffer_size=cfg.data.shuffle_buffer):
+            batch["image"] = unit_range(batch["image"])
+            yield batch
 
 
 def _progress(message: str) -> None:

@@ -180,4 +180,6 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(environment, ray_head,
     metadata = json.loads((out / "model" / "config.json").read_text())["metadata"]
     assert metadata["step"] in (2, 4, 6)
     steps = [json.loads(state.read_text())["step"] for state in (out / "ray").glob("checkpoint_*/train_state.json")]
-    assert sorted(steps) == [2, 4, 6], "every checkpoint survives the failure and the run reaches its last step"
+    # A kill while a checkpoint is being reported can leave that checkpoint's folder written but not
+    # registered; the run then resumes from the one before and writes the step again (seen: 2, 4, 4, 6).
+    assert set(steps) == {2, 4, 6}, "every checkpoint survives the failure and the run reaches its last step"

@@ -50,6 +50,8 @@ def test_invalid_connection_and_start_timestep_are_rejected():
         ModelConfig.from_dict({"sg": {"connect": "shallow"}})
     with pytest.raises(ValueError, match="start_timestep"):
         ModelConfig.from_dict({"diffusion": {"start_timestep": 1000}})
+    with pytest.raises(ValueError, match="train_max_timestep must be in \\[start_timestep.*never trained on"):
+        ModelConfig.from_dict({"diffusion": {"start_timestep": 400, "train_max_timestep": 300}})
 
 
 def test_missing_preset_lists_the_available_ones():

@@ -61,7 +61,9 @@ def test_tiny_models_loss_falls_on_a_handful_of_synthetic_images():
     torch.manual_seed(1)
     losses = fit(model, [batch], steps=15, lr=2e-3)
     assert all(np.isfinite(losses))
-    assert held_out_loss(model, batch) < 0.75 * before
+    # The preset trains on timesteps 0-400, the low-noise end, where the objective falls more slowly
+    # than over the full range (0.80x here after 15 steps, 0.61x over all 1000 timesteps).
+    assert held_out_loss(model, batch) < 0.85 * before
 
 
 def test_vae_stage_trains_only_the_autoencoder_and_fits_the_latent_scale():
@@ -104,12 +106,24 @@ def test_guidance_at_scale_one_reconstructs_like_no_guidance():
 
 
 def test_start_timestep_and_steps_select_the_ddim_schedule():
-    model = tiny({"diffusion": {"start_timestep": 999, "ddim_steps": 10}})
+    model = tiny({"diffusion": {"start_timestep": 999, "train_max_timestep": None, "ddim_steps": 10}})
     steps = model.inference_timesteps(model.scheduler)
     assert steps.tolist() == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
-    model = tiny({"diffusion": {"start_timestep": 499, "ddim_steps": 5}})
+    model = tiny({"diffusion": {"start_timestep": 499, "train_max_timestep": 499, "ddim_steps": 5}})
     steps = model.inference_timesteps(model.scheduler)
     assert len(steps) == 5 and steps[0] == 499
+
+
+def test_training_timesteps_stop_at_train_max_timestep(monkeypatch):
+    model = tiny({"diffusion": {"start_timestep": 400, "train_max_timestep": 400}})
+    drawn = []
+    add_noise = model.scheduler.add_noise
+    monkeypatch.setattr(model.scheduler, "add_noise", lambda z, n, t: drawn.append(t) or add_noise(z, n, t))
+    batch = synthetic_batch(n=16)
+    for _ in range(20):
+        model.training_loss(batch)
+    timesteps = torch.cat(drawn)  # 320 uniform draws from 0..400
+    assert 350 < timesteps.max() <= 400 and timesteps.min() >= 0 and len(timesteps.unique()) > 150
 
 
 def test_diads_default_trains_sg_decoder_and_tokens_with_the_unet_encoder_frozen():

@@ -38,10 +38,13 @@ def test_ray_data_round_trip_decodes_every_row_of_the_chosen_categories(local_ra
     assert {sid.split("/")[0] for sid in train_ids} == set(categories)
     assert {categories[r["category_index"]] for r in train} == set(categories)
 
-    row = train[0]
-    assert row["image"].shape == (3, 16, 16) and row["image"].dtype == np.float32
-    assert -1.0 <= row["image"].min() and row["image"].max() <= 1.0
-    assert row["mask"].shape == (1, 16, 16) and row["mask"].sum() == 0
+    row = train[0]  # training streams carry uint8 pixels and only what a training step reads
+    assert set(row) == {"image", "category_index"}
+    assert row["image"].shape == (3, 16, 16) and row["image"].dtype == np.uint8 and row["image"].max() > 0
+    held_out = validation[0]
+    assert held_out["image"].shape == (3, 16, 16) and held_out["image"].dtype == np.float32
+    assert -1.0 <= held_out["image"].min() and held_out["image"].max() <= 1.0
+    assert held_out["mask"].shape == (1, 16, 16) and held_out["mask"].sum() == 0
 
     test = test_dataset(spec).take_all()
     assert len(test) == 16
@@ -59,6 +62,23 @@ def test_streaming_into_torch_batches(local_ray, dataset):
         assert batch["image"].shape[1:] == (3, 16, 16)
         seen += len(batch["image"])
     assert seen == 20
+
+
+def test_cached_training_rows_are_the_streamed_ones(local_ray, dataset):
+    from ray.data.dataset import MaterializedDataset
+
+    from pipelines.data import DataSpec, decoded_train_bytes, train_dataset
+
+    spec = DataSpec(str(dataset), image_size=16, num_categories=2, validation_fraction=0.2, batch_size=4)
+    cached_spec = DataSpec(**{**spec.__dict__, "cache": True})
+    cached = train_dataset(cached_spec)
+    assert isinstance(cached, MaterializedDataset)
+
+    def sums(data):
+        return sorted(float(row["image"].sum()) for row in data.take_all())
+
+    assert sums(cached) == sums(train_dataset(spec))
+    assert decoded_train_bytes(spec) == 2 * 10 * 3 * 16 * 16  # upper bound: before the 20% hold-out
 
 
 def test_unknown_category_subset_is_refused(dataset):

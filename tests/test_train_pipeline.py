@@ -75,3 +75,13 @@ def test_more_workers_than_the_cluster_can_place_is_refused(dataset, tmp_path, m
     monkeypatch.setattr(train.ray, "cluster_resources", lambda: {"CPU": 2.0})
     with pytest.raises(ValueError, match="train.num_workers=8 needs 4 CPU but the cluster has 2"):
         train.check_resources(tiny_config(dataset, tmp_path / "run", "train.num_workers=8"))
+
+
+def test_a_training_cache_the_object_store_cannot_hold_is_refused(dataset, tmp_path, monkeypatch):
+    from pipelines import train
+
+    monkeypatch.setattr(train.ray, "cluster_resources", lambda: {"CPU": 2.0, "object_store_memory": 1e5})
+    cfg = tiny_config(dataset, tmp_path / "run", "data.cache=true")
+    with pytest.raises(ValueError, match="data.cache=true keeps up to .* set data.cache=false"):
+        train.check_resources(cfg)
+    train.check_resources(tiny_config(dataset, tmp_path / "run", "data.cache=false"))  # streaming needs no room

@@ -1,8 +1,10 @@
 """Batch decoding for training and evaluation: encoded rows to normalised tensors-to-be (NumPy).
 
 Used inside Ray Data's ``map_batches`` by the pipelines and directly by single-process code.
-Images come out as float32 N x 3 x S x S in [-1, 1] (the range the VAE expects), masks as float32
-N x 1 x S x S in {0, 1}, and the category name as an index into a fixed category list.
+Images come out as float32 N x 3 x S x S in [-1, 1] (the range the VAE expects), or as uint8 pixels
+for training streams, which carry a quarter of the bytes through Ray's object store and shuffle
+buffer and are brought to [-1, 1] by ``unit_range`` on the training device; masks come out as
+float32 N x 1 x S x S in {0, 1}, and the category name as an index into a fixed category list.
 """
 
 from __future__ import annotations
@@ -19,12 +21,18 @@ from anomdiff.data.splits import is_validation
 COLUMNS = ("sample_id", "category", "label", "image", "mask", "height", "width")
 
 
+def unit_range(pixels):
+    """uint8 pixels (NumPy or torch) as floats in [-1, 1]."""
+    return pixels / 127.5 - 1.0
+
+
 class DecodeBatch:
     """Callable for ``map_batches`` (``batch_format="pyarrow"``): decode, resize to ``image_size``,
-    normalise, index categories."""
+    normalise (unless ``uint8``: pixels as decoded), index categories."""
 
-    def __init__(self, image_size: int, categories: Sequence[str]):
+    def __init__(self, image_size: int, categories: Sequence[str], uint8: bool = False):
         self.image_size = image_size
+        self.uint8 = uint8
         self.categories = list(categories)
         self.index = {name: i for i, name in enumerate(self.categories)}
 
@@ -38,11 +46,11 @@ class DecodeBatch:
         images_bytes, masks_bytes = rows.column("image").to_pylist(), rows.column("mask").to_pylist()
         heights, widths = rows.column("height").to_pylist(), rows.column("width").to_pylist()
         n = rows.num_rows
-        images = np.empty((n, 3, self.image_size, self.image_size), np.float32)
+        images = np.empty((n, 3, self.image_size, self.image_size), np.uint8 if self.uint8 else np.float32)
         masks = np.empty((n, 1, self.image_size, self.image_size), np.float32)
         for i in range(n):
             rgb = self._resize(decode_rgb(images_bytes[i]), nearest=False)
-            images[i] = rgb.transpose(2, 0, 1) / 127.5 - 1.0
+            images[i] = rgb.transpose(2, 0, 1) if self.uint8 else unit_range(rgb.transpose(2, 0, 1))
             masks[i, 0] = self._resize(decode_mask(masks_bytes[i], heights[i], widths[i]), nearest=True)
         try:
             category_index = np.array([self.index[c] for c in rows.column("category").to_pylist()], np.int64)

@@ -88,7 +88,11 @@ class DiffusionConfig(Section):
     ``guidance``: classifier-free guidance as DiAD's sampler runs it (an unconditional pass with an
     empty context beside the conditional one, so every step costs two). Off by default: the learned
     tokens need no amplification. Train with ``context_dropout > 0`` when it is on, so the model has
-    seen the empty context."""
+    seen the empty context.
+
+    ``train_max_timestep``: the largest timestep drawn for the training loss (default: all of
+    ``num_train_timesteps``). Reconstruction never visits a timestep above ``start_timestep``, so a
+    model that starts there can spend all its training on the steps it will run."""
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
@@ -100,6 +104,7 @@ class DiffusionConfig(Section):
     guidance: bool = False
     guidance_scale: float = 9.0
     context_dropout: float = 0.0
+    train_max_timestep: int | None = None
     seed: int = 0
 
 
@@ -197,6 +202,13 @@ class ModelConfig(Section):
             raise ValueError(
                 f"model.diffusion.start_timestep must be in [0, {self.diffusion.num_train_timesteps}),"
                 f" got {self.diffusion.start_timestep}"
+            )
+        top = self.diffusion.train_max_timestep
+        if top is not None and not self.diffusion.start_timestep <= top < self.diffusion.num_train_timesteps:
+            raise ValueError(
+                f"model.diffusion.train_max_timestep must be in [start_timestep, num_train_timesteps) ="
+                f" [{self.diffusion.start_timestep}, {self.diffusion.num_train_timesteps}), got {top}:"
+                " reconstruction would run timesteps the model never trained on"
             )
         if self.diffusion.ddim_steps < 1:
             raise ValueError(f"model.diffusion.ddim_steps must be >= 1, got {self.diffusion.ddim_steps}")

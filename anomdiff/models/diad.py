@@ -179,13 +179,16 @@ class DiADModel(nn.Module):
         return self.training_loss(batch)
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Epsilon-prediction MSE in latent space with DiAD's noise schedule."""
+        """Epsilon-prediction MSE in latent space with DiAD's noise schedule, timesteps drawn
+        uniformly up to ``diffusion.train_max_timestep``."""
         x0 = batch["image"]
         with self._autocast(x0.device):
             with torch.no_grad():
                 z0 = self.encode(x0, sample=True).float()
             noise = torch.randn_like(z0)
-            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(z0),), device=z0.device)
+            top = self.cfg.diffusion.train_max_timestep
+            high = self.scheduler.config.num_train_timesteps if top is None else top + 1
+            t = torch.randint(0, high, (len(z0),), device=z0.device)
             zt = self.scheduler.add_noise(z0, noise, t)
             context = self.context(batch)
             p = self.cfg.diffusion.context_dropout
