@@ -37,13 +37,22 @@ class DataSpec:
         return nested_subset(list(read_manifest(self.path)["counts"]), self.num_categories, self.category_seed)
 
 
+def _train_counts(spec: DataSpec) -> dict[str, int]:
+    counts = read_manifest(spec.path)["counts"]
+    return {c: counts[c]["train"]["normal"] for c in spec.categories()}
+
+
+def _balancing_repeats(counts: dict[str, int]) -> dict[str, int]:
+    """How often each category's rows repeat under ``balanced``: the largest count over its own, rounded."""
+    return {c: round(max(counts.values()) / n) for c, n in counts.items()}
+
+
 def decoded_train_bytes(spec: DataSpec) -> int:
     """An upper bound of the decoded training rows' size (uint8 images), before the validation
     hold-out and after category balancing: what ``cache`` keeps in the object store."""
-    counts = read_manifest(spec.path)["counts"]
-    sizes = [counts[c]["train"]["normal"] for c in spec.categories()]
-    rows = len(sizes) * max(sizes) if spec.balanced else sum(sizes)
-    return rows * 3 * spec.image_size**2
+    counts = _train_counts(spec)
+    repeats = _balancing_repeats(counts) if spec.balanced else dict.fromkeys(counts, 1)
+    return sum(n * repeats[c] for c, n in counts.items()) * 3 * spec.image_size**2
 
 
 def read_rows(spec: DataSpec, split: str, categories: list[str] | None = None) -> ray.data.Dataset:
@@ -92,10 +101,8 @@ def train_dataset(spec: DataSpec) -> ray.data.Dataset:
     With ``cache``, the decoded rows are computed once and held in the object store."""
     data = training_normals(spec, validation=False, uint8=True)
     if spec.balanced:
-        categories = spec.categories()
-        counts = {c: read_manifest(spec.path)["counts"][c]["train"]["normal"] for c in categories}
-        factors = {c: round(max(counts.values()) / counts[c]) for c in categories}
-        data = data.map_batches(RepeatByCategory(factors, categories), batch_format="numpy",
+        repeats = _balancing_repeats(_train_counts(spec))
+        data = data.map_batches(RepeatByCategory(repeats, spec.categories()), batch_format="numpy",
                                 num_cpus=spec.decode_cpus)
     data = data.select_columns(["image", "category_index"])
     return data.materialize() if spec.cache else data

@@ -81,6 +81,12 @@ def test_cached_training_rows_are_the_streamed_ones(local_ray, dataset):
     assert decoded_train_bytes(spec) == 2 * 10 * 3 * 16 * 16  # upper bound: before the 20% hold-out
 
 
+def test_balancing_repeats_each_category_up_to_the_largest():
+    from pipelines.data import _balancing_repeats
+
+    assert _balancing_repeats({"a": 100, "b": 60, "c": 30}) == {"a": 1, "b": 2, "c": 3}
+
+
 def test_unknown_category_subset_is_refused(dataset):
     from pipelines.data import DataSpec
 
