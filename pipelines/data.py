@@ -37,7 +37,8 @@ class DataSpec:
         return nested_subset(list(read_manifest(self.path)["counts"]), self.num_categories, self.category_seed)
 
 
-def _train_counts(spec: DataSpec) -> dict[str, int]:
+def train_counts(spec: DataSpec) -> dict[str, int]:
+    """Training normals per chosen category, from the manifest (before the validation hold-out)."""
     counts = read_manifest(spec.path)["counts"]
     return {c: counts[c]["train"]["normal"] for c in spec.categories()}
 
@@ -50,7 +51,7 @@ def _balancing_repeats(counts: dict[str, int]) -> dict[str, int]:
 def decoded_train_bytes(spec: DataSpec) -> int:
     """An upper bound of the decoded training rows' size (uint8 images), before the validation
     hold-out and after category balancing: what ``cache`` keeps in the object store."""
-    counts = _train_counts(spec)
+    counts = train_counts(spec)
     repeats = _balancing_repeats(counts) if spec.balanced else dict.fromkeys(counts, 1)
     return sum(n * repeats[c] for c, n in counts.items()) * 3 * spec.image_size**2
 
@@ -101,7 +102,7 @@ def train_dataset(spec: DataSpec) -> ray.data.Dataset:
     With ``cache``, the decoded rows are computed once and held in the object store."""
     data = training_normals(spec, validation=False, uint8=True)
     if spec.balanced:
-        repeats = _balancing_repeats(_train_counts(spec))
+        repeats = _balancing_repeats(train_counts(spec))
         data = data.map_batches(RepeatByCategory(repeats, spec.categories()), batch_format="numpy",
                                 num_cpus=spec.decode_cpus)
     data = data.select_columns(["image", "category_index"])

@@ -37,10 +37,16 @@ from ray.train.torch import TorchTrainer
 
 from anomdiff.atomic import write_json_atomic
 from anomdiff.config import ExperimentConfig, load_config, save_config
-from anomdiff.data.manifest import read_manifest
 from anomdiff.data.transforms import unit_range
 from pipelines import tracking
-from pipelines.data import DataSpec, decoded_train_bytes, quiet_data_logs, train_dataset, validation_dataset
+from pipelines.data import (
+    DataSpec,
+    decoded_train_bytes,
+    quiet_data_logs,
+    train_counts,
+    train_dataset,
+    validation_dataset,
+)
 
 SELECTION_METRIC = "val_image_auroc"
 STATE_FILE = "train_state.json"
@@ -62,9 +68,8 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
         raise ValueError("data.path is not set: pass data.path=<a converted dataset>")
     if not cfg.output_dir:
         raise ValueError("output_dir is not set: pass output_dir=<folder for this run>")
-    manifest = read_manifest(cfg.data.path)
-    categories = data_spec(cfg).categories()
-    empty = [c for c in categories if manifest["counts"][c]["train"]["normal"] == 0]
+    counts = train_counts(data_spec(cfg))
+    empty = [c for c, n in counts.items() if n == 0]
     if empty:
         raise ValueError(f"{cfg.data.path}: category {empty[0]} has no training images")
     out = Path(cfg.output_dir)
@@ -75,7 +80,7 @@ def preflight(cfg: ExperimentConfig) -> list[str]:
                                   "choose a new output_dir or delete the old run")
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not an anomdiff run; choose an empty or new output_dir")
-    return categories
+    return list(counts)
 
 
 def _config_text(cfg: ExperimentConfig) -> str:
