@@ -88,7 +88,7 @@ def test_score_returns_image_resolution_maps_and_is_deterministic():
 
 
 def test_pixel_weight_adds_the_smoothed_pixel_distance_to_the_feature_map():
-    model = tiny({"scoring": {"pixel_weight": 0.0}}).eval()
+    model = tiny({"scoring": {"pixel_weight": 0.0, "noise_samples": 1}}).eval()
     batch = synthetic_batch(n=2)
     features_only = model.score(batch)
     model.cfg.scoring.pixel_weight = 2.0
@@ -96,6 +96,26 @@ def test_pixel_weight_adds_the_smoothed_pixel_distance_to_the_feature_map():
     pixel = scoring.pixel_distance(batch["image"], combined["reconstruction"])
     expected = features_only["anomaly_map"] + 2.0 * scoring.gaussian_smooth(pixel, model.cfg.scoring.sigma)
     assert torch.allclose(combined["anomaly_map"], expected, atol=1e-5)
+
+
+def test_noise_samples_average_the_maps_of_independent_draws():
+    batch = synthetic_batch(n=2)
+    averaged = tiny({"scoring": {"noise_samples": 2}}).eval().score(batch)
+    # One draw over the batch stacked twice takes the same noise as two draws over the batch.
+    stacked = {k: torch.cat([v, v]) for k, v in batch.items()}
+    single = tiny({"scoring": {"noise_samples": 1}}).eval().score(stacked)
+    first, second = single["anomaly_map"][:2], single["anomaly_map"][2:]
+    assert not torch.allclose(single["reconstruction"][:2], single["reconstruction"][2:], atol=1e-3)
+    assert torch.allclose(averaged["anomaly_map"], (first + second) / 2, atol=1e-5)
+    assert torch.equal(averaged["reconstruction"], single["reconstruction"][:2])
+    s = tiny_cfg().scoring
+    expected = scoring.image_score(averaged["anomaly_map"], rounds=s.pooling_rounds, kernel=s.pooling_kernel)
+    assert torch.equal(averaged["image_score"], expected)
+
+
+def test_noise_samples_below_one_are_refused():
+    with pytest.raises(ValueError, match="noise_samples"):
+        tiny_cfg({"scoring": {"noise_samples": 0}})
 
 
 def test_guidance_at_scale_one_reconstructs_like_no_guidance():
@@ -112,6 +132,12 @@ def test_start_timestep_and_steps_select_the_ddim_schedule():
     model = tiny({"diffusion": {"start_timestep": 499, "train_max_timestep": 499, "ddim_steps": 5}})
     steps = model.inference_timesteps(model.scheduler)
     assert len(steps) == 5 and steps[0] == 499
+    for start in (400, 150, 37):  # rounding the schedule's length must never leave a step short
+        for count in (1, 2, 3, 4, 7, 10):
+            model.cfg.diffusion.start_timestep, model.cfg.diffusion.ddim_steps = start, count
+            steps = model.inference_timesteps(model.scheduler)
+            assert len(steps) == count and steps[0] <= start, (start, count, steps.tolist())
+            assert (steps.diff() < 0).all()
 
 
 def test_training_timesteps_stop_at_train_max_timestep(monkeypatch):

@@ -115,12 +115,17 @@ class ScoringConfig(Section):
 
     ``pixel_weight`` adds that multiple of the per-pixel L1 distance between image and
     reconstruction to the feature distance before smoothing. DiAD's map is the feature distance
-    alone (0, the default); small CPU models with randomly initialised backbones gain from it."""
+    alone (0, the default); small CPU models with randomly initialised backbones gain from it.
+
+    ``noise_samples`` reconstructs each image from that many noise draws and averages their
+    distance maps: the map of a normal image then carries less of one draw's reconstruction error.
+    DiAD uses one draw (the default); every draw costs a full DDIM reconstruction."""
 
     sigma: float = 5.0
     pooling_rounds: int = 8
     pooling_kernel: int = 8
     pixel_weight: float = 0.0
+    noise_samples: int = 1
 
 
 @dataclass
@@ -218,6 +223,8 @@ class ModelConfig(Section):
             raise ValueError(f"model.num_context_tokens must be >= 1, got {self.num_context_tokens}")
         if self.scoring.pooling_kernel < 1 or self.scoring.pooling_rounds < 0:
             raise ValueError("model.scoring: pooling_kernel must be >= 1 and pooling_rounds >= 0")
+        if self.scoring.noise_samples < 1:
+            raise ValueError(f"model.scoring.noise_samples must be >= 1, got {self.scoring.noise_samples}")
 
     @property
     def downsampling(self) -> int:

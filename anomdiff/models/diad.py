@@ -208,12 +208,17 @@ class DiADModel(nn.Module):
     # --- inference ---------------------------------------------------------------------------
 
     def inference_timesteps(self, scheduler: DDIMScheduler, device=None) -> torch.Tensor:
-        """``ddim_steps`` DDIM timesteps from ``start_timestep`` down (trailing spacing, so the
-        default start 999 is the first step exactly)."""
+        """``ddim_steps`` DDIM timesteps from ``start_timestep`` down: the tail of a trailing-spaced
+        schedule over all training timesteps (so the default start 999 is the first step exactly),
+        its length the smallest at or above the proportional one that leaves ``ddim_steps``."""
         d = self.cfg.diffusion
         total = max(d.ddim_steps, round(d.ddim_steps * d.num_train_timesteps / (d.start_timestep + 1)))
-        scheduler.set_timesteps(total, device=device)
-        return scheduler.timesteps[scheduler.timesteps <= d.start_timestep]
+        while True:  # rounding can fall short: 1 step from 400 gives round(2.5) = 2, [999, 499]
+            scheduler.set_timesteps(total, device=device)
+            timesteps = scheduler.timesteps[scheduler.timesteps <= d.start_timestep]
+            if len(timesteps) >= d.ddim_steps:
+                return timesteps[: d.ddim_steps]
+            total += 1
 
     @torch.no_grad()
     def reconstruct(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -245,21 +250,28 @@ class DiADModel(nn.Module):
 
     @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``anomaly_map`` B x H x W, ``image_score`` B and the ``reconstruction`` (Sec. 3.3)."""
-        x0 = batch["image"]
-        reconstruction = self.reconstruct(batch)
+        """``anomaly_map`` B x H x W, ``image_score`` B and the ``reconstruction`` (Sec. 3.3).
+
+        With ``scoring.noise_samples`` K > 1 the batch is reconstructed K times in one pass (each
+        copy from its own noise) and the K distance maps are averaged before smoothing; the
+        ``reconstruction`` returned is the first draw's."""
+        x0, n = batch["image"], len(batch["image"])
+        s = self.cfg.scoring
+        draws = s.noise_samples
+        repeated = {k: v.repeat(draws, *[1] * (v.dim() - 1)) if isinstance(v, torch.Tensor) and v.dim() else v
+                    for k, v in batch.items()}
+        reconstruction = self.reconstruct(repeated)
         with self._autocast(x0.device):
             features = self.features(torch.cat([x0, reconstruction.to(x0.dtype)]))
-        n = len(x0)
-        s = self.cfg.scoring
-        distance = scoring.feature_distance([f[:n] for f in features], [f[n:] for f in features], tuple(x0.shape[-2:]))
+        originals = [f[:n].repeat(draws, 1, 1, 1) for f in features]
+        distance = scoring.feature_distance(originals, [f[n:] for f in features], tuple(x0.shape[-2:]))
         if s.pixel_weight:
-            distance = distance + s.pixel_weight * scoring.pixel_distance(x0, reconstruction)
-        maps = scoring.gaussian_smooth(distance, s.sigma)
+            distance = distance + s.pixel_weight * scoring.pixel_distance(repeated["image"], reconstruction)
+        maps = scoring.gaussian_smooth(distance.view(draws, n, *distance.shape[1:]).mean(0), s.sigma)
         return {
             "anomaly_map": maps,
             "image_score": scoring.image_score(maps, rounds=s.pooling_rounds, kernel=s.pooling_kernel),
-            "reconstruction": reconstruction,
+            "reconstruction": reconstruction[:n],
         }
 
     # --- persistence -------------------------------------------------------------------------
