@@ -160,16 +160,22 @@ def compose(path: str | Path, overrides: list[str] = ()) -> dict:
         if section not in ("data", "model", "train", "evaluate", "tracking"):
             raise UnknownKeyError(f"compose.{section}", ["data", "model", "train", "evaluate", "tracking"])
         merged[section] = _read_yaml(CONF_DIR / section / f"{name}.yaml")
-    merged = _merge(merged, data)
+    return apply_overrides(_merge(merged, data), overrides)
+
+
+def apply_overrides(tree: dict, overrides: list[str] = ()) -> dict:
+    """``tree`` with each ``dotted.key=value`` of ``overrides`` set in it (sections created as
+    needed); the one override parser of every job."""
+    tree = copy.deepcopy(tree)
     for item in overrides:
         keys, value = parse_override(item)
-        node = merged
+        node = tree
         for key in keys[:-1]:
             node = node.setdefault(key, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {key} is not a section")
         node[keys[-1]] = value
-    return merged
+    return tree
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:

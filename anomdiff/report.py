@@ -89,6 +89,12 @@ def _markdown_rows(names: Sequence[str], rows: Sequence[dict]) -> list[str]:
     return lines
 
 
+PROTOCOLS = {
+    "label_free": "unified protocol (one model, not told the test images' categories)",
+    "category_aware": "category-aware protocol (the model is told each test image's category)",
+}
+
+
 def markdown_report(doc: dict, *, top: int = 3, title: str = "Evaluation") -> str:
     """The document as Markdown: the mean, the best and worst categories, then all, best first.
 
@@ -97,8 +103,9 @@ def markdown_report(doc: dict, *, top: int = 3, title: str = "Evaluation") -> st
     per_category = doc["per_category"]
     ranked = _ranked(doc)
     rankable = [cat for cat in ranked if np.isfinite(_rank_key(per_category[cat])).any()]
+    protocol = PROTOCOLS.get(doc.get("protocol"), "protocol not recorded")
     lines = [f"# {title}", "",
-             f"{doc['num_images']} images in {len(per_category)} categories. Values in percent; "
+             f"{doc['num_images']} images in {len(per_category)} categories, {protocol}. Values in percent; "
              "– where a metric is undefined (a category with one class only, or no anomaly maps). "
              "The mean is unweighted over the categories where the metric is defined.", "",
              *_markdown_rows(["**mean**"], [doc["mean"]]), ""]
@@ -251,6 +258,8 @@ def log_to_mlflow(doc: dict, report_dir: str | Path | None = None, *, artifact_p
 
     if mlflow.active_run() is None:
         raise RuntimeError("no active MLflow run: call inside `with mlflow.start_run():`")
+    if doc.get("protocol"):
+        mlflow.set_tag("anomdiff.protocol", doc["protocol"])
     items = list(mlflow_metrics(doc).items())
     for start in range(0, len(items), _MLFLOW_BATCH):
         mlflow.log_metrics(dict(items[start:start + _MLFLOW_BATCH]), step=step)

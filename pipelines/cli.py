@@ -19,7 +19,7 @@ JOBS = {
     "train": "pipelines.train",
     "evaluate": "pipelines.evaluate",
     "demo": "pipelines.demo",
-    "bench": "pipelines.benchmark",
+    "bench": "pipelines.bench.job",
 }
 
 
@@ -30,6 +30,20 @@ def _data_synth(args: argparse.Namespace) -> None:
                           train_per_category=args.train_per_category, test_per_category=args.test_per_category,
                           shard_mb=args.shard_mb, overwrite=args.overwrite, workers=args.workers)
     print(f"wrote {manifest['total']} images in {len(manifest['counts'])} categories to {args.out}")
+
+
+def _data_photos(args: argparse.Namespace) -> None:
+    import shlex
+
+    from anomdiff.data.photos import make_photo_benchmark
+
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
+    summary = make_photo_benchmark(args.out, categories, seed=args.seed, image_size=args.image_size,
+                                   train_per_category=args.train_per_category,
+                                   test_per_category=args.test_per_category, overwrite=args.overwrite)
+    print(f"wrote {summary['total']} images in {len(summary['categories'])} categories to {args.out} (MVTec layout); "
+          f"next: anomdiff data convert {shlex.quote(str(args.out))} DATA --format mvtec "
+          f"--image-size {args.image_size}")
 
 
 def _data_convert(args: argparse.Namespace) -> None:
@@ -81,6 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--image-size", type=int, default=128)
     synth.add_argument("--train-per-category", type=int, default=40)
     synth.add_argument("--test-per-category", type=int, default=20)
+    photos = data.add_parser("photos", help="write the real-photograph benchmark (MVTec layout) from skimage.data")
+    photos.add_argument("out")
+    photos.add_argument("--categories", help="comma-separated photographs (default: all)")
+    photos.add_argument("--seed", type=int, default=0)
+    photos.add_argument("--image-size", type=int, default=64)
+    photos.add_argument("--train-per-category", type=int, default=40)
+    photos.add_argument("--test-per-category", type=int, default=20)
+    photos.add_argument("--overwrite", action="store_true", help="replace a benchmark this command wrote before")
+    photos.set_defaults(func=_data_photos)
     convert = data.add_parser("convert", help="convert a public dataset layout to sharded parquet")
     convert.add_argument("src")
     convert.add_argument("out")

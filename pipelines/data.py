@@ -3,7 +3,8 @@
 The manifest names every shard with its category and split, so choosing categories and a split is
 choosing files (the partition filter) before Ray reads anything; only the needed columns are read,
 and decoding + resizing + normalising runs in ``map_batches`` tasks that stream into the trainer.
-On a small machine keep ``num_cpus`` per decode task fractional (PITFALLS.md: two cores).
+On a small machine keep ``num_cpus`` per decode task fractional (``data.decode_cpus``): with two
+cores, whole-CPU tasks starve the training workers or are starved by them.
 """
 
 from __future__ import annotations
@@ -13,53 +14,54 @@ from dataclasses import dataclass
 import ray
 import ray.data
 
+from anomdiff.config import DataConfig
 from anomdiff.data.manifest import read_manifest, shard_paths
 from anomdiff.data.splits import nested_subset
 from anomdiff.data.transforms import COLUMNS, DecodeBatch, RepeatByCategory, SelectHoldout
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DataSpec:
-    """What to read: the dataset, which categories (a nested subset of ``num_categories``), how to decode."""
+    """What a job reads: its ``data`` config section, the model's image size, the batch size, and
+    the dataset's manifest, read once (:meth:`open`) for everything the job plans from it."""
 
-    path: str
+    config: DataConfig
     image_size: int
-    num_categories: int | None = None
-    category_seed: int = 0
-    validation_fraction: float = 0.1
-    validation_seed: int = 0
-    batch_size: int = 32
-    decode_cpus: float = 0.5
-    balanced: bool = False
-    cache: bool = False
+    batch_size: int
+    manifest: dict
+    categories: list[str]  # the chosen categories: the nested seeded subset of ``num_categories``
 
-    def categories(self) -> list[str]:
-        return nested_subset(list(read_manifest(self.path)["counts"]), self.num_categories, self.category_seed)
+    @classmethod
+    def open(cls, config: DataConfig, image_size: int, batch_size: int = 32) -> DataSpec:
+        manifest = read_manifest(config.path)
+        categories = nested_subset(list(manifest["counts"]), config.num_categories, config.category_seed)
+        return cls(config, image_size, batch_size, manifest, categories)
+
+    @property
+    def path(self) -> str:
+        return self.config.path
+
+    def train_counts(self) -> dict[str, int]:
+        """Training normals per chosen category (before the validation hold-out)."""
+        counts = self.manifest["counts"]
+        return {c: counts[c]["train"]["normal"] for c in self.categories}
+
+    def decoded_train_bytes(self) -> int:
+        """An upper bound of the decoded training rows' size (uint8 images), before the validation
+        hold-out and after category balancing: what ``cache`` keeps in the object store."""
+        counts = self.train_counts()
+        repeats = balancing_repeats(counts) if self.config.balanced else dict.fromkeys(counts, 1)
+        return sum(n * repeats[c] for c, n in counts.items()) * 3 * self.image_size**2
 
 
-def train_counts(spec: DataSpec) -> dict[str, int]:
-    """Training normals per chosen category, from the manifest (before the validation hold-out)."""
-    counts = read_manifest(spec.path)["counts"]
-    return {c: counts[c]["train"]["normal"] for c in spec.categories()}
-
-
-def _balancing_repeats(counts: dict[str, int]) -> dict[str, int]:
+def balancing_repeats(counts: dict[str, int]) -> dict[str, int]:
     """How often each category's rows repeat under ``balanced``: the largest count over its own, rounded."""
     return {c: round(max(counts.values()) / n) for c, n in counts.items()}
 
 
-def decoded_train_bytes(spec: DataSpec) -> int:
-    """An upper bound of the decoded training rows' size (uint8 images), before the validation
-    hold-out and after category balancing: what ``cache`` keeps in the object store."""
-    counts = train_counts(spec)
-    repeats = _balancing_repeats(counts) if spec.balanced else dict.fromkeys(counts, 1)
-    return sum(n * repeats[c] for c, n in counts.items()) * 3 * spec.image_size**2
-
-
 def read_rows(spec: DataSpec, split: str, categories: list[str] | None = None) -> ray.data.Dataset:
     """Raw rows of ``split`` for ``categories``: file-level partition filter plus column pruning."""
-    manifest = read_manifest(spec.path)
-    paths = shard_paths(spec.path, manifest, split, categories or spec.categories())
+    paths = shard_paths(spec.path, spec.manifest, split, categories or spec.categories)
     if not paths:
         raise ValueError(f"{spec.path}: no {split} shards for the chosen categories")
     # Ray Data's V2 Parquet reader lists the files and reads every footer in one task before the
@@ -73,25 +75,16 @@ def read_rows(spec: DataSpec, split: str, categories: list[str] | None = None) -
         context.use_datasource_v2 = use_v2
 
 
-def quiet_data_logs() -> None:
-    """No progress bars and no per-execution plan lines from Ray Data: the jobs print their own
-    progress, and a training run re-executes its dataset every epoch."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-
-
 def _decoded(rows: ray.data.Dataset, spec: DataSpec, categories: list[str], uint8: bool = False) -> ray.data.Dataset:
     return rows.map_batches(DecodeBatch(spec.image_size, categories, uint8), batch_size=spec.batch_size,
-                            num_cpus=spec.decode_cpus, batch_format="pyarrow")
+                            num_cpus=spec.config.decode_cpus, batch_format="pyarrow")
 
 
 def training_normals(spec: DataSpec, validation: bool, uint8: bool = False) -> ray.data.Dataset:
     """Decoded training-split rows: the validation hold-out (``validation=True``) or the rest."""
-    categories = spec.categories()
-    select = SelectHoldout(spec.validation_fraction, spec.validation_seed, validation)
-    rows = read_rows(spec, "train", categories).map_batches(select, batch_format="pyarrow", num_cpus=spec.decode_cpus)
-    return _decoded(rows, spec, categories, uint8)
+    select = SelectHoldout(spec.config.validation_fraction, spec.config.validation_seed, validation)
+    rows = read_rows(spec, "train").map_batches(select, batch_format="pyarrow", num_cpus=spec.config.decode_cpus)
+    return _decoded(rows, spec, spec.categories, uint8)
 
 
 def train_dataset(spec: DataSpec) -> ray.data.Dataset:
@@ -101,12 +94,11 @@ def train_dataset(spec: DataSpec) -> ray.data.Dataset:
     repeat so that every category contributes about as many samples per epoch as the largest.
     With ``cache``, the decoded rows are computed once and held in the object store."""
     data = training_normals(spec, validation=False, uint8=True)
-    if spec.balanced:
-        repeats = _balancing_repeats(train_counts(spec))
-        data = data.map_batches(RepeatByCategory(repeats, spec.categories()), batch_format="numpy",
-                                num_cpus=spec.decode_cpus)
+    if spec.config.balanced:
+        repeat = RepeatByCategory(balancing_repeats(spec.train_counts()), spec.categories)
+        data = data.map_batches(repeat, batch_format="numpy", num_cpus=spec.config.decode_cpus)
     data = data.select_columns(["image", "category_index"])
-    return data.materialize() if spec.cache else data
+    return data.materialize() if spec.config.cache else data
 
 
 def validation_dataset(spec: DataSpec) -> ray.data.Dataset:
@@ -119,5 +111,5 @@ def test_dataset(spec: DataSpec, categories: list[str] | None = None,
                  subset: list[str] | None = None) -> ray.data.Dataset:
     """The decoded test split. ``categories`` fixes the category indices (a model's list; default
     the spec's); ``subset`` reads only those categories (default all of ``categories``)."""
-    categories = categories or spec.categories()
+    categories = categories or spec.categories
     return _decoded(read_rows(spec, "test", subset or categories), spec, categories)

@@ -4,7 +4,7 @@
 
 On a machine without GPU, DeepSpeed loads two C++ ops the first time a worker starts: shared-memory
 collectives (``deepspeed_shm_comm``, built when ``deepspeed.comm`` initialises) and the AdamW kernel
-(``fused_adam``, built by the ``AdamW`` optimizer of ``pipelines.train.deepspeed_config``). Built
+(``fused_adam``, built by the ``AdamW`` optimizer of ``pipelines.stage.deepspeed_config``). Built
 there, they cost the first run about two minutes of its time budget; built here, they land in
 torch's extension cache (``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``) and every run
 loads them in seconds. On a GPU machine nothing is built: CUDA ops come with the image or are

@@ -19,13 +19,14 @@ from pathlib import Path
 from anomdiff.atomic import write_json_atomic
 from anomdiff.config import CONF_DIR, load_config
 from anomdiff.data.manifest import format_table, read_manifest, summary, verify
+from anomdiff.data.schema import MANIFEST_NAME
 from anomdiff.data.synthetic import synthesize
-from pipelines import evaluate, tracking, train
+from pipelines import evaluate, runtime, tracking, train
 
 
 def _synthesized_with(data: Path) -> dict | None:
     """The generator settings of an existing demo dataset, so a rerun reuses it."""
-    if not (data / "manifest.json").is_file():
+    if not (data / MANIFEST_NAME).is_file():
         return None
     manifest = read_manifest(data)
     counts = manifest["counts"].values()
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-per-category", type=int, default=40)
     parser.add_argument("overrides", nargs="*", help="training config overrides, e.g. train.steps=400")
+    runtime.add_address_argument(parser)
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
@@ -64,15 +66,15 @@ def main(argv: list[str] | None = None) -> None:
                       [f"data.path={data}", f"output_dir={home / 'run'}", *args.overrides])
     print(f"[2/3] training {cfg.model.method} ({cfg.train.steps} steps, {cfg.train.num_workers} worker(s), "
           f"ZeRO-{cfg.train.zero.stage})", flush=True)
-    train.run(cfg)
+    train.run(cfg, args.address)
 
     print("[3/3] evaluating on the test split", flush=True)
     doc = evaluate.evaluate(str(home / "run" / "model"), str(data), str(home / "report"),
-                            [f"tracking.experiment={cfg.tracking.experiment}"])
+                            [f"tracking.experiment={cfg.tracking.experiment}"], args.address)
     write_json_atomic(home / "metrics.json", doc)
     mean = doc["mean"]
     print(f"\nmean image AUROC {mean['image_auroc']:.3f}, pixel AUROC {mean['pixel_auroc']:.3f}, "
-          f"AUPRO {mean['aupro']:.3f} over {len(doc['per_category'])} categories "
+          f"AUPRO {mean['aupro']:.3f} over {len(doc['per_category'])} categories, {doc['protocol']} protocol "
           f"({time.perf_counter() - start:.0f} s)")
     print(f"metrics: {home / 'metrics.json'}\nreport and figures: {home / 'report'}")
     print(f"MLflow UI: mlflow ui --backend-store-uri {tracking.tracking_uri(cfg.tracking.tracking_uri)}")

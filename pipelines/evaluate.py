@@ -24,11 +24,13 @@ import ray.data
 
 from anomdiff import metrics, report
 from anomdiff.atomic import write_json_atomic
-from anomdiff.config import EvaluateConfig, TrackingConfig, parse_override
-from anomdiff.data.manifest import read_manifest
+from anomdiff.config import DataConfig, EvaluateConfig, TrackingConfig
 from anomdiff.models.config import ModelConfig
-from pipelines import tracking
-from pipelines.data import DataSpec, quiet_data_logs, test_dataset
+from pipelines import runtime, tracking
+from pipelines.data import DataSpec, test_dataset
+
+JOB_KEYS = ("scorers", "use_gpu")
+SECTIONS = ("evaluate", "tracking", "model")
 
 THUMBNAIL = 128
 
@@ -49,8 +51,9 @@ class Scorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
-        inputs = {"image": torch.tensor(batch["image"], device=self.device),
-                  "category_index": torch.tensor(batch["category_index"], device=self.device)}
+        inputs = {"image": torch.tensor(batch["image"], device=self.device)}
+        if self.model.cfg.conditioning == "category_aware":  # the unified protocol never tells the model
+            inputs["category_index"] = torch.tensor(batch["category_index"], device=self.device)
         out = self.model.score(inputs)
         images = ((batch["image"].transpose(0, 2, 3, 1) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
         stride = max(1, images.shape[1] // THUMBNAIL)
@@ -93,26 +96,32 @@ class WorstCases:
                                                                                                  reverse=True)]
 
 
-def evaluate(model_dir: str, data_path: str, out_dir: str | None = None, overrides: list[str] = ()) -> dict:
-    """Score the test split of ``data_path`` with the model in ``model_dir``; returns the metrics document."""
-    from anomdiff.models.diad import read_saved_config
+def evaluate(model_dir: str, data_path: str, out_dir: str | None = None, overrides: list[str] = (),
+             address: str | None = None) -> dict:
+    """Score the test split of ``data_path`` with the model in ``model_dir`` on the Ray that ``address``
+    names (``pipelines.runtime.start_ray``); returns the metrics document."""
+    from anomdiff.models.saved import read_saved_config
 
     saved = read_saved_config(model_dir)
     meta = saved.get("metadata", {})
     categories = meta.get("categories")
     if not categories:
         raise ValueError(f"{model_dir}: the model lists no categories (was it exported by anomdiff train?)")
-    eval_cfg, tracking_cfg, model_overrides, scorers, use_gpu = _parse_overrides(overrides)
-    present = set(read_manifest(data_path)["counts"])
-    evaluated = [c for c in categories if c in present]
+    own, rest = runtime.split_overrides(list(overrides), JOB_KEYS)
+    sections = runtime.override_sections(rest, SECTIONS, "evaluate")
+    eval_cfg = EvaluateConfig.from_dict(sections.get("evaluate", {}), _path="evaluate")
+    tracking_cfg = TrackingConfig.from_dict(sections.get("tracking", {}), _path="tracking")
+    model_overrides, scorers, use_gpu = sections.get("model", {}), int(own.get("scorers", 1)), bool(own.get("use_gpu"))
+    if "conditioning" in model_overrides or "method" in model_overrides:
+        raise ValueError("model.conditioning and model.method are fixed when a model is trained; "
+                         "evaluate takes inference keys of model.* only")
+    spec = DataSpec.open(DataConfig(path=str(data_path)), saved["config"]["image_size"], eval_cfg.batch_size)
+    evaluated = [c for c in categories if c in spec.manifest["counts"]]
     if not evaluated:
         raise ValueError(f"{data_path} has none of the model's {len(categories)} categories")
     out = Path(out_dir or Path(model_dir).parent / "evaluation")
 
-    ray.init(ignore_reinit_error=True)
-    quiet_data_logs()
-    image_size = saved["config"]["image_size"]
-    spec = DataSpec(data_path, image_size, batch_size=eval_cfg.batch_size)
+    runtime.start_ray(address)
     scored = test_dataset(spec, categories=categories, subset=evaluated).map_batches(
         Scorer, fn_constructor_kwargs={"model_dir": str(model_dir), "model_overrides": model_overrides,
                                        "use_gpu": use_gpu},
@@ -142,6 +151,7 @@ def evaluate(model_dir: str, data_path: str, out_dir: str | None = None, overrid
         args = (arrays["categories"], arrays["scores"], arrays["labels"], arrays["maps"], arrays["masks"])
         doc, curves = metrics.compute(*args), metrics.compute_curves(*args)
 
+    doc = {"num_images": doc["num_images"], "protocol": protocol(saved["config"]), **doc}
     files = report.write_report(doc, out, curves=curves, worst_cases=worst.cases(),
                                 title=f"{meta.get('experiment', 'model')} on {Path(data_path).name}")
     _log(doc, out, tracking_cfg, model_dir, data_path)
@@ -150,32 +160,23 @@ def evaluate(model_dir: str, data_path: str, out_dir: str | None = None, overrid
     return doc
 
 
-def _parse_overrides(overrides) -> tuple[EvaluateConfig, TrackingConfig, dict, int, bool]:
-    sections: dict[str, dict] = {"evaluate": {}, "tracking": {}, "model": {}}
-    scorers, use_gpu = 1, False
-    for item in overrides:
-        keys, value = parse_override(item)
-        if keys == ["scorers"]:
-            scorers = int(value)
-        elif keys == ["use_gpu"]:
-            use_gpu = bool(value)
-        elif keys[0] in sections:
-            node = sections[keys[0]]
-            for key in keys[1:-1]:
-                node = node.setdefault(key, {})
-            node[keys[-1]] = value
-        else:
-            raise ValueError(f"override {item!r}: evaluate takes evaluate.*, tracking.*, model.*, scorers, use_gpu")
-    return (EvaluateConfig.from_dict(sections["evaluate"], _path="evaluate"),
-            TrackingConfig.from_dict(sections["tracking"], _path="tracking"), sections["model"], scorers, use_gpu)
+def protocol(model_config: dict) -> str:
+    """The evaluation protocol a model's config implies (``label_free`` for models saved before the
+    option existed would be wrong: they were told the category)."""
+    return model_config.get("conditioning", "category_aware")
 
 
 def _log(doc: dict, out: Path, tracking_cfg: TrackingConfig, model_dir: str, data_path: str) -> None:
-    from anomdiff.config import ExperimentConfig
-
-    tracking.use_experiment(ExperimentConfig(tracking=tracking_cfg))
-    with mlflow.start_run(run_name=f"evaluate {Path(model_dir).parent.name}"):
-        mlflow.log_params({"model_dir": str(Path(model_dir).resolve()), "data.path": str(Path(data_path).resolve())})
+    """The evaluation's own MLflow run, linked to the training run that produced the model (the
+    ``mlflow_run_id`` its output folder holds, when there is one)."""
+    model_dir, data_path = Path(model_dir).resolve(), Path(data_path).resolve()
+    tags = {"anomdiff.job": "evaluate", "anomdiff.model_dir": str(model_dir), "anomdiff.data_path": str(data_path)}
+    trained_by = model_dir.parent / "mlflow_run_id"
+    if trained_by.is_file():
+        tags["anomdiff.training_run"] = trained_by.read_text().strip()
+    ref = tracking.open_job_run(tracking_cfg, f"evaluate {model_dir.parent.name}", tags=tags)
+    with tracking.resume(ref):
+        mlflow.log_params({"model_dir": str(model_dir), "data.path": str(data_path)})
         report.log_to_mlflow(doc, out)
 
 
@@ -185,9 +186,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("data", help="a converted dataset")
     parser.add_argument("--json", dest="json_out", help="also write the metrics document here")
     parser.add_argument("--out", help="report folder (default: next to the model, evaluation/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides: evaluate.*, tracking.*, inference keys "
+                                                     "of model.*, scorers=N, use_gpu=true")
+    runtime.add_address_argument(parser)
     args = parser.parse_args(argv)
-    doc = evaluate(args.model, args.data, args.out, args.overrides)
+    doc = evaluate(args.model, args.data, args.out, args.overrides, args.address)
     if args.json_out:
         write_json_atomic(args.json_out, doc)
         print(json.dumps(doc["mean"]))

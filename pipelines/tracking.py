@@ -1,18 +1,23 @@
-"""MLflow set-up shared by the jobs: where runs go, and what every run records.
+"""MLflow set-up shared by the jobs: where runs go, how a job opens (or resumes) its run, and what
+every run records.
 
 The tracking store is ``MLFLOW_TRACKING_URI`` when set, else the config's ``tracking.tracking_uri``,
 else SQLite under ``ANOMDIFF_HOME`` (default ``./.anomdiff/mlflow.db``), with artifacts beside it.
+A job opens its run once on the driver (:func:`open_job_run`) and hands the small :class:`RunRef`
+to whoever logs into it later (Ray workers included): :func:`resume` reopens it there.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
 import yaml
 
-from anomdiff.config import ExperimentConfig
+from anomdiff.config import ExperimentConfig, TrackingConfig
 
 
 def anomdiff_home() -> Path:
@@ -29,15 +34,55 @@ def tracking_uri(configured: str | None = None) -> str:
     return f"sqlite:///{home / 'mlflow.db'}"
 
 
-def use_experiment(cfg: ExperimentConfig) -> str:
-    """Point MLflow at the store and experiment of ``cfg``; returns the tracking URI."""
-    uri = tracking_uri(cfg.tracking.tracking_uri)
+def use_experiment(cfg: TrackingConfig) -> str:
+    """Point MLflow at the store and experiment of a ``tracking`` section; returns the tracking URI."""
+    uri = tracking_uri(cfg.tracking_uri)
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+    if mlflow.get_experiment_by_name(cfg.experiment) is None:
         artifacts = (anomdiff_home() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
-        mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
-    mlflow.set_experiment(cfg.tracking.experiment)
+        mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
+    mlflow.set_experiment(cfg.experiment)
     return uri
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """Where a job's MLflow run lives: enough to reopen it in another process."""
+
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def open_job_run(cfg: TrackingConfig, name: str, run_id_file: Path | None = None,
+                 experiment: ExperimentConfig | None = None, tags: dict[str, str] | None = None) -> RunRef:
+    """Create the job's run, or resume the one whose id ``run_id_file`` holds (a resumed job logs
+    into the same run). A new run records ``experiment`` (params + ``config.yaml``) and ``tags``
+    (links to the runs, models and data it came from)."""
+    uri = use_experiment(cfg)
+    run_id = run_id_file.read_text().strip() if run_id_file is not None and run_id_file.is_file() else None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name) as active:
+        if run_id_file is not None:
+            run_id_file.write_text(active.info.run_id)
+        if run_id is None:
+            if experiment is not None:
+                log_config(experiment)
+            if tags:
+                mlflow.set_tags(tags)
+    return RunRef(uri, active.info.experiment_id, active.info.run_id)
+
+
+@contextmanager
+def resume(ref: RunRef | dict):
+    """Reopen a job's run (in the driver or in a Ray worker) for the block."""
+    ref = RunRef(**ref) if isinstance(ref, dict) else ref
+    mlflow.set_tracking_uri(ref.tracking_uri)
+    mlflow.set_experiment(experiment_id=ref.experiment_id)  # nested runs opened inside go there too
+    with mlflow.start_run(run_id=ref.run_id) as active:
+        yield active
 
 
 def flat_params(cfg: ExperimentConfig) -> dict[str, str]:

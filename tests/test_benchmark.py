@@ -7,9 +7,22 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import benchmark
+from pipelines.bench.gpu import device_benchmark
+from pipelines.bench.job import main, run
+from pipelines.bench.measure import (
+    TimedBatches,
+    median_step,
+    mfu,
+    parse_operator_stats,
+    peak_bf16_flops,
+    synthetic_maps,
+    torch_threads,
+)
+from pipelines.bench.report import markdown_table
+from pipelines.bench.sizes import SECTIONS, Sizes
+from pipelines.bench.zero import zero_footprint
 
-MINUSCULE = benchmark.Sizes(
+MINUSCULE = Sizes(
     train_images=20, stored_size=64, test_per_category=2, repeats=1, train_steps=5, warmup_steps=1, scaling_steps=4,
     zero_preset="tiny", zero_overrides=("model.image_size=32", "model.vae.sample_size=32", "model.unet.sample_size=8"),
     scoring_images=2, scoring_batch=2, metric_maps=100, metric_size=32,
@@ -17,9 +30,9 @@ MINUSCULE = benchmark.Sizes(
 
 
 def test_mfu_is_achieved_flops_over_the_peak():
-    assert benchmark.mfu(2e12, 0.5, 8e12) == pytest.approx(0.5)
+    assert mfu(2e12, 0.5, 8e12) == pytest.approx(0.5)
     with pytest.raises(ValueError, match="positive"):
-        benchmark.mfu(1e12, 0.0, 1e15)
+        mfu(1e12, 0.0, 1e15)
 
 
 @pytest.mark.parametrize(("name", "tflops"), [
@@ -27,25 +40,25 @@ def test_mfu_is_achieved_flops_over_the_peak():
     ("NVIDIA H200", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0),
 ])
 def test_peak_table_tells_the_variants_apart(name, tflops):
-    assert benchmark.peak_bf16_flops(name) == pytest.approx(tflops * 1e12)
+    assert peak_bf16_flops(name) == pytest.approx(tflops * 1e12)
 
 
 def test_an_unknown_device_has_no_peak():
-    assert benchmark.peak_bf16_flops("Some Future Accelerator") is None
+    assert peak_bf16_flops("Some Future Accelerator") is None
 
 
 def test_step_time_is_the_median_interval_after_warm_up():
-    assert benchmark.median_step([0.0, 10.0, 11.0, 12.5, 13.5], warmup=1) == pytest.approx(1.0)
+    assert median_step([0.0, 10.0, 11.0, 12.5, 13.5], warmup=1) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="no step"):
-        benchmark.median_step([0.0, 1.0], warmup=1)
+        median_step([0.0, 1.0], warmup=1)
 
 
 def test_timed_batches_stamp_every_request_and_repeat_a_fixed_batch():
     batch = {"image": torch.zeros(1)}
-    timed = benchmark.TimedBatches(batch)
+    timed = TimedBatches(batch)
     assert [next(timed) for _ in range(3)] == [batch] * 3 and len(timed.times) == 3
     assert timed.times == sorted(timed.times)
-    cycled = benchmark.TimedBatches(iter([1, 2]))
+    cycled = TimedBatches(iter([1, 2]))
     assert list(cycled) == [1, 2] and len(cycled.times) == 3  # the failed third request is stamped too
 
 
@@ -53,14 +66,14 @@ def test_operator_stats_are_read_from_the_dataset_stats_text():
     text = ("Operator 1 ListFiles: 1 tasks executed, 1 blocks produced in 20.17s\n* Remote wall time: ...\n"
             "Operator 3 MapBatches(SelectHoldout)->MapBatches(DecodeBatch): 10 tasks executed, 20 blocks produced "
             "in 1.45s\n")
-    assert benchmark.parse_operator_stats(text) == {
+    assert parse_operator_stats(text) == {
         "ListFiles": {"tasks": 1, "wall_s": 20.17},
         "MapBatches(SelectHoldout)->MapBatches(DecodeBatch)": {"tasks": 10, "wall_s": 1.45}}
 
 
 def test_synthetic_maps_are_seeded_and_every_category_has_both_labels():
-    categories, scores, labels, maps, masks = benchmark.synthetic_maps(40, 16, seed=3)
-    again = benchmark.synthetic_maps(40, 16, seed=3)
+    categories, scores, labels, maps, masks = synthetic_maps(40, 16, seed=3)
+    again = synthetic_maps(40, 16, seed=3)
     assert np.array_equal(maps, again[3]) and maps.shape == masks.shape == (40, 16, 16)
     for name in np.unique(categories):
         assert set(labels[categories == name]) == {0, 1}
@@ -78,7 +91,7 @@ def _adam_engine():
 
 
 def test_footprint_of_a_plain_optimizer_counts_parameters_gradients_and_adam_state():
-    counted = benchmark.zero_footprint(_adam_engine())
+    counted = zero_footprint(_adam_engine())
     # Adam keeps two moments per parameter and a 4-byte step per tensor.
     assert counted == {"parameters": 60, "optimizer_state": 2 * 60 + 2 * 4, "gradients": 60, "buffers": 0,
                        "total": 60 + 128 + 60}
@@ -94,15 +107,15 @@ def test_footprint_counts_a_partitioned_rank_and_shared_storage_once():
         p.grad = None
     engine.optimizer = types.SimpleNamespace(
         optimizer=inner, averaged_gradients={0: [flat[:4], flat[4:]]}, ipg_buckets={torch.float32: bucket})
-    counted = benchmark.zero_footprint(engine)
+    counted = zero_footprint(engine)
     assert counted["parameters"] == 60 + 4 * (6 + 1)  # the whole tensors still held, plus the partitions
     assert counted["gradients"] == 8 * 4 and counted["buffers"] == 100 * 4
     assert counted["total"] == counted["parameters"] + counted["optimizer_state"] + counted["gradients"]
 
 
 def test_tiny_run_writes_the_documented_shape(tmp_path):
-    doc = benchmark.run(sections=("scoring", "metrics", "gpu"), workdir=str(tmp_path), sizes=MINUSCULE)
-    assert set(benchmark.SECTIONS) <= set(doc)
+    doc = run(sections=("scoring", "metrics", "gpu"), workdir=str(tmp_path), sizes=MINUSCULE)
+    assert set(SECTIONS) <= set(doc)
     assert doc["ingest"] is None and doc["train_overhead"] is None and doc["zero_memory"] is None
     assert doc["gpu"] is None or "mfu" in doc["gpu"]
     scoring = doc["scoring"]
@@ -113,14 +126,14 @@ def test_tiny_run_writes_the_documented_shape(tmp_path):
     assert doc["targets"] == {"train_overhead_ratio_le_1.10": None, "zero_stage3_le_0.55_stage0": None,
                               "ingest_160_over_10_within_10pct": None}
     assert json.loads(json.dumps(doc)) == doc
-    table = benchmark.markdown_table(doc)
+    table = markdown_table(doc)
     assert "guidance off / on" in table and "metrics at 100 maps" in table
 
 
 def test_device_section_runs_on_the_cpu_with_the_tiny_preset():
-    with benchmark.torch_threads(1):  # two threads on a shared 2-core machine wait on each other
-        result = benchmark.device_benchmark(quick=True, device="cpu", preset="tiny", batch_size=2, image_size=64,
-                                            peak_tflops=1.0, steps=1)
+    with torch_threads(1):  # two threads on a shared 2-core machine wait on each other
+        result = device_benchmark(quick=True, device="cpu", preset="tiny", batch_size=2, image_size=64,
+                                  peak_tflops=1.0, steps=1)
     assert result["flops_per_step"] > 0 and result["train_images_per_s"] > 0 and result["score_latency_s"] > 0
     assert result["mfu"] == pytest.approx(result["flops_per_step"] / result["train_step_s"] / 1e12)
     assert result["plain_adamw_peak_bytes"] is None and result["ddim_steps"] == 10
@@ -128,14 +141,14 @@ def test_device_section_runs_on_the_cpu_with_the_tiny_preset():
 
 def test_an_unknown_section_is_refused():
     with pytest.raises(ValueError, match="unknown sections"):
-        benchmark.main(["--sections", "ingest,warp_drive"])
+        main(["--sections", "ingest,warp_drive"])
 
 
 @pytest.mark.slow
 def test_ray_sections_on_a_local_ray(tmp_path):
     ray = pytest.importorskip("ray")
     try:
-        doc = benchmark.run(sections=("ingest", "zero_memory"), workdir=str(tmp_path), sizes=MINUSCULE)
+        doc = run(sections=("ingest", "zero_memory"), workdir=str(tmp_path), sizes=MINUSCULE)
     finally:
         ray.shutdown()
     ingest = doc["ingest"]
@@ -149,3 +162,13 @@ def test_ray_sections_on_a_local_ray(tmp_path):
     assert stages["2"]["gradients"] < stages["0"]["gradients"]
     assert stages["3_persist_0"]["parameters"] < stages["0"]["parameters"]
     assert doc["zero_memory"]["ratio"] == pytest.approx(stages["3"]["total"] / stages["0"]["total"])
+
+
+def test_the_methods_table_names_dataset_method_and_protocol():
+    row = {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7, "protocol": "label_free", "train_s": 61.0,
+           "scoring_images_per_s": 12.5}
+    doc = {"methods": {"experiment": "demo", "protocol": "label_free",
+                       "photos": {"categories": 11, "knn": row, "diad": {**row, "image_auroc": 0.95}}}}
+    table = markdown_table(doc)
+    assert "| knn on photos (11 categories, demo budget, label_free)" in table
+    assert "0.950 / 0.800 / 0.700, 61 s, 12.5 images/s" in table

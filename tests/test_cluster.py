@@ -183,3 +183,39 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(environment, ray_head,
     # A kill while a checkpoint is being reported can leave that checkpoint's folder written but not
     # registered; the run then resumes from the one before and writes the step again (seen: 2, 4, 4, 6).
     assert set(steps) == {2, 4, 6}, "every checkpoint survives the failure and the run reaches its last step"
+
+
+WHICH_RAY = ("import sys, ray\nsys.path.insert(0, {repo!r})\nfrom pipelines import runtime\n"
+             "{start}\nprint('GCS', ray.get_runtime_context().gcs_address)\nray.shutdown()\n")
+
+
+def test_a_job_without_an_address_starts_its_own_ray_beside_a_foreign_head(tmp_path):
+    """Another program's `ray start --head` on this machine (another virtualenv, say): plain `ray.init()`
+    joins it, the jobs' `runtime.start_ray()` does not."""
+    ray_tmp = tempfile.mkdtemp(prefix="rayf", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmp, RAY_AUTH_MODE="disabled", PATH=f"{BIN}:{os.environ['PATH']}")
+    port = free_port()
+    subprocess.run(
+        [BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
+         f"--temp-dir={ray_tmp}/ray", "--include-dashboard=false", "--disable-usage-stats",
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
+        env=env, check=True, capture_output=True)
+    foreign = str(port)
+
+    def gcs_port(start: str) -> str:
+        done = subprocess.run([sys.executable, "-c", WHICH_RAY.format(repo=str(REPO), start=start)], env=env,
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        address = next(line.split()[1] for line in done.stdout.splitlines() if line.startswith("GCS "))
+        return address.rsplit(":", 1)[1]  # the host may be the machine's address rather than 127.0.0.1
+
+    try:
+        assert gcs_port("ray.init()") == foreign  # the trap is there
+        assert gcs_port("runtime.start_ray(num_cpus=1, include_dashboard=False)") != foreign
+        env["RAY_ADDRESS"] = f"127.0.0.1:{port}"  # asked for: joined
+        assert gcs_port("runtime.start_ray()") == foreign
+    finally:
+        kill_session(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

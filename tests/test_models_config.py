@@ -9,8 +9,17 @@ def test_the_three_presets_load():
         assert load_preset(name).method == "diad"
 
 
-def test_sd15_preset_states_diads_defaults():
-    assert load_preset("sd15") == ModelConfig()
+def test_sd15_preset_states_diads_defaults_and_asks_for_its_pretrained_weights():
+    preset = load_preset("sd15")
+    assert preset.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5" and preset.backbone.pretrained == "hub"
+    assert preset.refits_latent_scale is False  # SD's latent scale is kept after VAE fine-tuning
+    same_weights = {"pretrained": None, "backbone": {"pretrained": None}, "knn": {"layers": None}}
+    assert ModelConfig.from_dict(same_weights, base=preset) == ModelConfig()
+
+
+def test_only_a_randomly_initialised_autoencoder_refits_its_latent_scale():
+    assert load_preset("tiny").refits_latent_scale is True
+    assert ModelConfig.from_dict({"vae": {"refit_scale": True}}, base=load_preset("sd15")).refits_latent_scale
 
 
 def test_unknown_key_is_named_with_its_dotted_path():

@@ -202,7 +202,26 @@ def test_category_index_out_of_range_is_named():
     batch = synthetic_batch(n=2, category=0)
     batch["category_index"] = torch.tensor([0, 5])
     with pytest.raises(IndexError, match="2 categories"):
-        tiny().training_loss(batch)
+        tiny({"conditioning": "category_aware"}).training_loss(batch)
+
+
+@pytest.mark.parametrize("method", ["diad", "dpdiff"])
+def test_the_default_protocol_never_reads_the_category(method):
+    """Label-free (the seeds' unified protocol): the same image scores the same whatever category
+    it is said to be, or with none at all; the category-aware option does read it."""
+    batch = synthetic_batch(n=2, category=0)
+    scores = {}
+    for conditioning in ("label_free", "category_aware"):
+        model = tiny({"method": method, "conditioning": conditioning, "diffusion": {"ddim_steps": 1}}).eval()
+        with torch.no_grad():  # as after training: the context moves the reconstruction
+            for p in model.context_provider.parameters():
+                p.normal_(0, 3.0)
+        told = model.score(batch)["anomaly_map"]
+        other = model.score({**batch, "category_index": torch.tensor([1, 1])})["anomaly_map"]
+        scores[conditioning] = (told - other).abs().max().item()
+        if conditioning == "label_free":
+            assert torch.equal(told, model.score({"image": batch["image"]})["anomaly_map"])
+    assert scores["label_free"] == 0.0 and scores["category_aware"] > 1e-4
 
 
 def test_image_size_must_fit_the_models_downsampling():

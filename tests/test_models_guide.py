@@ -72,3 +72,24 @@ def test_sg_network_starts_as_a_copy_of_the_unet_encoder():
     unet, sg = model.unet.state_dict(), model.sg.controlnet.state_dict()
     for name in ("conv_in.weight", "down_blocks.0.resnets.0.conv1.weight", "mid_block.resnets.0.conv2.weight"):
         assert torch.equal(unet[name], sg[name])
+
+
+def test_the_fused_deepest_residuals_depend_on_the_shallower_block():
+    """SFF (Eq. 8) adds the second-deepest block's outputs into the deepest ones: the SG network's
+    deepest residuals are SFF's fusion of the ControlNet outputs, not a plain SiLU of the deep
+    outputs, and change when only the shallower outputs change."""
+    model = tiny()
+    z, t, context, x = inputs(model)
+    with torch.no_grad():
+        for p in model.sg.parameters():  # as after training: ControlNet's zero convs and SFF's are awake
+            if p.abs().sum() == 0:
+                p.normal_(std=0.05)
+        raw, _ = model.sg.controlnet(z, t, encoder_hidden_states=context, controlnet_cond=x, return_dict=False)
+        down, _ = model.sg(z, t, context, x)
+        shallow, deep = [raw[i] for i in model.sg.shallow], [raw[i] for i in model.sg.deep]
+        fused = model.sg.sff(shallow, deep)
+        moved = model.sg.sff([h + torch.randn_like(h) for h in shallow], deep)
+    for i, f, m, d in zip(model.sg.deep, fused, moved, deep, strict=True):
+        assert torch.allclose(down[i], f)
+        assert (f - torch.nn.functional.silu(d)).abs().max() > 1e-3
+        assert (f - m).abs().max() > 1e-3

@@ -3,14 +3,15 @@ import torch
 from accelerate import init_empty_weights
 
 from anomdiff.models import build_model
-from anomdiff.models.config import load_preset
+from anomdiff.models.config import ModelConfig, load_preset
 from anomdiff.models.params import count_parameters
 
 
 @pytest.fixture(scope="module")
 def sd15_on_meta():
     with init_empty_weights():
-        return build_model(load_preset("sd15"), num_categories=15)
+        random = {"pretrained": None, "backbone": {"pretrained": None}}  # counts need no weights
+        return build_model(ModelConfig.from_dict(random, base=load_preset("sd15")), num_categories=15)
 
 
 def test_sd15_counts_are_stable_diffusion_15s_and_diads():

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from anomdiff.config import DataConfig
 from anomdiff.data.synthetic import synthesize
 
 ray = pytest.importorskip("ray")
@@ -24,8 +25,8 @@ def dataset(tmp_path_factory):
 def test_ray_data_round_trip_decodes_every_row_of_the_chosen_categories(local_ray, dataset):
     from pipelines.data import DataSpec, test_dataset, train_dataset, training_normals, validation_dataset
 
-    spec = DataSpec(str(dataset), image_size=16, num_categories=4, validation_fraction=0.2, batch_size=8)
-    categories = spec.categories()
+    spec = DataSpec.open(DataConfig(path=str(dataset), num_categories=4, validation_fraction=0.2), 16, batch_size=8)
+    categories = spec.categories
     assert len(categories) == 4
     train = train_dataset(spec).take_all()
     validation = validation_dataset(spec).take_all()
@@ -56,7 +57,7 @@ def test_ray_data_round_trip_decodes_every_row_of_the_chosen_categories(local_ra
 def test_streaming_into_torch_batches(local_ray, dataset):
     from pipelines.data import DataSpec, train_dataset
 
-    spec = DataSpec(str(dataset), image_size=16, num_categories=2, validation_fraction=0.0, batch_size=4)
+    spec = DataSpec.open(DataConfig(path=str(dataset), num_categories=2, validation_fraction=0.0), 16, batch_size=4)
     seen = 0
     for batch in train_dataset(spec).iter_torch_batches(batch_size=5, local_shuffle_buffer_size=10):
         assert batch["image"].shape[1:] == (3, 16, 16)
@@ -67,10 +68,11 @@ def test_streaming_into_torch_batches(local_ray, dataset):
 def test_cached_training_rows_are_the_streamed_ones(local_ray, dataset):
     from ray.data.dataset import MaterializedDataset
 
-    from pipelines.data import DataSpec, decoded_train_bytes, train_dataset
+    from pipelines.data import DataSpec, train_dataset
 
-    spec = DataSpec(str(dataset), image_size=16, num_categories=2, validation_fraction=0.2, batch_size=4)
-    cached_spec = DataSpec(**{**spec.__dict__, "cache": True})
+    config = DataConfig(path=str(dataset), num_categories=2, validation_fraction=0.2)
+    spec = DataSpec.open(config, 16, batch_size=4)
+    cached_spec = DataSpec.open(DataConfig(**{**config.to_dict(), "cache": True}), 16, batch_size=4)
     cached = train_dataset(cached_spec)
     assert isinstance(cached, MaterializedDataset)
 
@@ -78,17 +80,17 @@ def test_cached_training_rows_are_the_streamed_ones(local_ray, dataset):
         return sorted(float(row["image"].sum()) for row in data.take_all())
 
     assert sums(cached) == sums(train_dataset(spec))
-    assert decoded_train_bytes(spec) == 2 * 10 * 3 * 16 * 16  # upper bound: before the 20% hold-out
+    assert spec.decoded_train_bytes() == 2 * 10 * 3 * 16 * 16  # upper bound: before the 20% hold-out
 
 
 def test_balancing_repeats_each_category_up_to_the_largest():
-    from pipelines.data import _balancing_repeats
+    from pipelines.data import balancing_repeats
 
-    assert _balancing_repeats({"a": 100, "b": 60, "c": 30}) == {"a": 1, "b": 2, "c": 3}
+    assert balancing_repeats({"a": 100, "b": 60, "c": 30}) == {"a": 1, "b": 2, "c": 3}
 
 
 def test_unknown_category_subset_is_refused(dataset):
     from pipelines.data import DataSpec
 
     with pytest.raises(ValueError, match="asked for 7 categories, the dataset has 6"):
-        DataSpec(str(dataset), image_size=16, num_categories=7).categories()
+        DataSpec.open(DataConfig(path=str(dataset), num_categories=7), 16)

@@ -73,8 +73,10 @@ def test_more_workers_than_the_cluster_can_place_is_refused(dataset, tmp_path, m
     from pipelines import train
 
     monkeypatch.setattr(train.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    cfg = tiny_config(dataset, tmp_path / "run", "train.num_workers=8")
+    spec = train.preflight(cfg)
     with pytest.raises(ValueError, match="train.num_workers=8 needs 4 CPU but the cluster has 2"):
-        train.check_resources(tiny_config(dataset, tmp_path / "run", "train.num_workers=8"))
+        train.check_resources(cfg, spec)
 
 
 def test_a_training_cache_the_object_store_cannot_hold_is_refused(dataset, tmp_path, monkeypatch):
@@ -83,5 +85,38 @@ def test_a_training_cache_the_object_store_cannot_hold_is_refused(dataset, tmp_p
     monkeypatch.setattr(train.ray, "cluster_resources", lambda: {"CPU": 2.0, "object_store_memory": 1e5})
     cfg = tiny_config(dataset, tmp_path / "run", "data.cache=true")
     with pytest.raises(ValueError, match="data.cache=true keeps up to .* set data.cache=false"):
-        train.check_resources(cfg)
-    train.check_resources(tiny_config(dataset, tmp_path / "run", "data.cache=false"))  # streaming needs no room
+        train.check_resources(cfg, train.preflight(cfg))
+    streaming = tiny_config(dataset, tmp_path / "run", "data.cache=false")
+    train.check_resources(streaming, train.preflight(streaming))  # streaming needs no room
+
+
+@pytest.mark.slow
+def test_knn_builds_its_bank_on_two_workers_and_evaluates_without_the_category(local_ray, dataset, tmp_path):
+    from anomdiff.models import load_model
+    from pipelines import evaluate, train
+
+    cfg = tiny_config(dataset, tmp_path / "run", "model.method=knn", "train.num_workers=2")
+    metadata = train.run(cfg)
+    model = load_model(tmp_path / "run" / "model")
+    assert model.method == "knn" and metadata["step"] == 0 and 0.0 <= metadata["val_image_auroc"] <= 1.0
+    # Both ranks' shards reach the bank: every category keeps a coreset of its training patches.
+    assert sorted(model.memory_category.unique().tolist()) == [0, 1, 2]
+    assert train.run(cfg) == metadata  # a finished run is kept as it is
+    doc = evaluate.evaluate(str(tmp_path / "run" / "model"), str(dataset), str(tmp_path / "report"))
+    assert doc["protocol"] == "label_free" and doc["num_images"] == 12
+    assert "unified protocol" in (tmp_path / "report" / "metrics.md").read_text()
+
+
+def test_pretrained_weights_out_of_reach_stop_the_run_before_ray_with_the_keys_to_set(dataset, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from pipelines import train
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # as on a machine without the Hub
+    cfg = tiny_config(dataset, tmp_path / "run", "model.pretrained=stable-diffusion-v1-5/stable-diffusion-v1-5",
+                      "model.backbone.pretrained=hub")
+    with pytest.raises(ValueError, match=r"model.pretrained: cannot get .* pass model.pretrained=DIR") as error:
+        train.preflight(cfg)
+    assert "model.backbone.pretrained" in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(ValueError, match="has no unet/config.json or vae/config.json"):
+        train.preflight(tiny_config(dataset, tmp_path / "run", f"model.pretrained={tmp_path}"))

@@ -16,6 +16,7 @@ from anomdiff.models.config import ModelConfig, load_preset
 METHODS: dict[str, str] = {
     "diad": "anomdiff.models.diad:DiADModel",
     "dpdiff": "anomdiff.models.dpdiff:DPDiffModel",
+    "knn": "anomdiff.models.knn:KNNModel",
 }
 
 
@@ -38,7 +39,7 @@ def build_model(cfg: ModelConfig, num_categories: int):
 
 def load_model(directory: str | Path, device: str = "cpu"):
     """A model written by ``model.save(directory)``, whatever its method."""
-    from anomdiff.models.diad import read_saved_config
+    from anomdiff.models.saved import read_saved_config
 
     return model_class(read_saved_config(directory)["method"]).load(directory, device=device)
 

@@ -16,6 +16,7 @@ import yaml
 from anomdiff.sections import Section
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+CONDITIONING = ("label_free", "category_aware")
 
 
 @dataclass
@@ -39,7 +40,11 @@ class UNetConfig(Section):
 
 @dataclass
 class VAEConfig(Section):
-    """diffusers ``AutoencoderKL`` dimensions (defaults: SD's KL-f8, 83.65M) and its fine-tuning loss."""
+    """diffusers ``AutoencoderKL`` dimensions (defaults: SD's KL-f8, 83.65M) and its fine-tuning loss.
+
+    ``refit_scale``: after VAE fine-tuning, rescale latents to unit variance (LDM's scale_by_std).
+    ``null`` (default) refits an autoencoder trained from random weights and keeps a pretrained
+    one's scale (SD's 0.18215); ``true`` or ``false`` decide either way."""
 
     block_out_channels: list[int] = field(default_factory=lambda: [128, 256, 512, 512])
     layers_per_block: int = 2
@@ -48,6 +53,7 @@ class VAEConfig(Section):
     sample_size: int = 512
     scaling_factor: float = 0.18215
     kl_weight: float = 1.0e-6
+    refit_scale: bool | None = None
 
 
 @dataclass
@@ -161,14 +167,47 @@ class PrototypeConfig(Section):
 
 
 @dataclass
+class KNNConfig(Section):
+    """The PatchCore-style floor (``method: knn``; ``anomdiff/models/knn.py``).
+
+    ``layers``: timm feature indices (null: ``backbone.layers``; PatchCore takes the mid-level 2
+    and 3 of a wide ResNet-50). Each map is averaged over ``neighbourhood`` x ``neighbourhood``
+    patches, and the concatenation pooled to at most ``dim`` channels. Each training category keeps
+    a greedy coreset of ``coreset_ratio`` of its patches, at most ``max_per_category`` (the bank's
+    bound), chosen in a projection to ``projection_dim``; the bank is searched in ``chunk`` rows."""
+
+    layers: list[int] | None = None
+    neighbourhood: int = 3
+    dim: int = 1024
+    coreset_ratio: float = 0.1
+    max_per_category: int = 2048
+    projection_dim: int = 128
+    chunk: int = 16384
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("neighbourhood", "dim", "max_per_category", "projection_dim", "chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.knn.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ValueError(f"model.knn.coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+
+
+@dataclass
 class ModelConfig(Section):
     """Everything that defines a model. ``trainable`` names the parts the denoiser stage trains:
     ``unet`` (all of it) or ``unet_encoder`` / ``unet_mid`` / ``unet_decoder``, ``sg``, ``context``;
-    DiAD trains the SG network and the SD decoder and keeps the SD encoder frozen."""
+    DiAD trains the SG network and the SD decoder and keeps the SD encoder frozen.
+
+    ``conditioning``: ``label_free`` (default), the seeds' unified protocol: one model that is never
+    told a test image's category; ``category_aware`` gives each category its own context tokens and
+    feeds ``category_index`` at scoring, for lines that know their product. Every metrics document
+    names the protocol that produced it."""
 
     config_path: typing.ClassVar[str] = "model"
 
     method: str = "diad"
+    conditioning: str = "label_free"
     image_size: int = 256
     num_context_tokens: int = 1
     pretrained: str | None = None
@@ -181,6 +220,7 @@ class ModelConfig(Section):
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
+    knn: KNNConfig = field(default_factory=KNNConfig)
 
     def __post_init__(self):
         self.validate()
@@ -201,6 +241,8 @@ class ModelConfig(Section):
                 f"model.sg.hint_channels has {hint} stages (downsampling x{2 ** (hint - 1)}) but the VAE has"
                 f" {vae} (downsampling x{2 ** (vae - 1)}); the hint must reach the latent resolution"
             )
+        if self.conditioning not in CONDITIONING:
+            raise ValueError(f"model.conditioning must be one of {', '.join(CONDITIONING)}, got {self.conditioning!r}")
         if g.connect not in ("deepest", "all"):
             raise ValueError(f"model.sg.connect must be 'deepest' or 'all', got {g.connect!r}")
         if not 0 <= self.diffusion.start_timestep < self.diffusion.num_train_timesteps:
@@ -225,6 +267,11 @@ class ModelConfig(Section):
             raise ValueError("model.scoring: pooling_kernel must be >= 1 and pooling_rounds >= 0")
         if self.scoring.noise_samples < 1:
             raise ValueError(f"model.scoring.noise_samples must be >= 1, got {self.scoring.noise_samples}")
+
+    @property
+    def refits_latent_scale(self) -> bool:
+        """Whether VAE fine-tuning ends by refitting the latent scale (``vae.refit_scale``)."""
+        return not self.pretrained if self.vae.refit_scale is None else self.vae.refit_scale
 
     @property
     def downsampling(self) -> int:

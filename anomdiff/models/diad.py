@@ -15,32 +15,31 @@ steps with the SG network guided by x0, decode, compare features of x0 and the r
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import init_empty_weights
 from diffusers import DDIMScheduler
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from anomdiff import scoring
 from anomdiff.models.autoencoder import build_vae, check_vae_matches, vae_loss
 from anomdiff.models.config import ModelConfig
-from anomdiff.models.context import CategoryTokens, ContextProvider
+from anomdiff.models.context import ContextProvider, condition_tokens
 from anomdiff.models.features import FeatureExtractor
 from anomdiff.models.guide import SemanticGuide
 from anomdiff.models.pretrained import load_pretrained
+from anomdiff.models.saved import load_weights, read_saved_config, save_model
 from anomdiff.models.unet import UNET_PARTS, build_unet, check_unet_matches
 
-WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 STAGES = ("vae", "denoiser")
 
 
 class DiADModel(nn.Module):
     """DiAD with learned context tokens. ``batch``: ``image`` B x 3 x H x W in [-1, 1],
-    ``category_index`` B (long), optionally ``mask`` B x 1 x H x W."""
+    ``category_index`` B (long; read only under ``conditioning: category_aware``), optionally
+    ``mask`` B x 1 x H x W."""
 
     method = "diad"
 
@@ -56,8 +55,8 @@ class DiADModel(nn.Module):
             unet, vae, scale = build_unet(cfg), build_vae(cfg), cfg.vae.scaling_factor
         self.unet, self.vae = unet, vae
         self.sg = SemanticGuide.from_unet(unet, cfg.sg)  # DiAD copies the (pretrained) UNet encoder
-        self.context_provider = context or CategoryTokens(
-            num_categories, cfg.num_context_tokens, cfg.unet.cross_attention_dim
+        self.context_provider = context or condition_tokens(
+            cfg.conditioning, num_categories, cfg.num_context_tokens, cfg.unet.cross_attention_dim
         )
         if self.context_provider.dim != cfg.unet.cross_attention_dim:
             raise ValueError(
@@ -130,7 +129,7 @@ class DiADModel(nn.Module):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.autocast and device.type == "cuda")
 
     def context(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Cross-attention tokens ``B x T x D`` for the batch (learned, per category)."""
+        """Cross-attention tokens ``B x T x D`` for the batch (learned; shared or per category)."""
         return self.context_provider(batch)
 
     def encode(self, images: torch.Tensor, sample: bool = False, generator=None) -> torch.Tensor:
@@ -278,18 +277,7 @@ class DiADModel(nn.Module):
 
     def save(self, directory: str | Path, metadata: dict | None = None) -> Path:
         """Write ``model.safetensors`` (every weight, backbone included) and ``config.json``."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-        info = {
-            "method": self.method,
-            "num_categories": self.num_categories,
-            "config": self.cfg.to_dict(),
-            "metadata": metadata if metadata is not None else self.metadata,
-        }
-        (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2))
-        return directory
+        return save_model(self, directory, metadata)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> DiADModel:
@@ -300,17 +288,8 @@ class DiADModel(nn.Module):
         build_cfg = ModelConfig.from_dict({"pretrained": None, "backbone": {"pretrained": None}}, base=cfg)
         with init_empty_weights():
             model = cls(build_cfg, info["num_categories"])
-        state = load_file(directory / WEIGHTS_FILE, device=str(device))
+        state = load_weights(directory, device)
         model.load_state_dict(state, strict=True, assign=True)
         model.cfg, model.metadata = cfg, info.get("metadata", {})
         model.set_stage("denoiser")
         return model.to(device).eval()
-
-
-def read_saved_config(directory: str | Path) -> dict:
-    """The ``config.json`` of a saved model, with a clear error when the folder is not one."""
-    directory = Path(directory)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{str(directory)!r} is not a saved anomdiff model: {name} is missing")
-    return json.loads((directory / CONFIG_FILE).read_text())

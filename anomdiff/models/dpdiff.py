@@ -4,8 +4,9 @@ On top of ``DiADModel`` (same VAE, UNet, SG network, anomaly map):
 - the frozen backbone's multi-scale features of x0 pass the prototype banks (``prototypes.py``);
 - the local bank's rebuilt map (normal patterns only) is added, through zero-initialised 1x1 convs,
   to the residuals the UNet receives: spatial conditioning that cannot carry an anomaly;
-- prototype-aware attention: the cross-attention context is [category token, K_G global prototype
-  tokens scaled by the image's soft assignment];
+- prototype-aware attention: the cross-attention context is [learned tokens (shared, or the
+  category's under ``category_aware``), K_G global prototype tokens scaled by the image's soft
+  assignment];
 - loss = eps-MSE + lambda_ot * Sinkhorn OT(image features, global bank) + lambda_local * commitment.
 
 At initialisation (zero convs) the denoiser's output is DiAD's given the same context. The banks, the
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 import torch
 
 from anomdiff.models.config import ModelConfig
-from anomdiff.models.context import CategoryTokens, ConcatContext
+from anomdiff.models.context import ConcatContext, condition_tokens
 from anomdiff.models.diad import DiADModel
 from anomdiff.models.guide import residual_channels
 from anomdiff.models.prototypes import PrototypeBanks, PrototypeOutput, PrototypeTokens
@@ -36,7 +37,7 @@ class DPDiffModel(DiADModel):
     def __init__(self, cfg: ModelConfig, num_categories: int):
         p = cfg.prototypes
         context = ConcatContext(
-            CategoryTokens(num_categories, cfg.num_context_tokens, cfg.unet.cross_attention_dim),
+            condition_tokens(cfg.conditioning, num_categories, cfg.num_context_tokens, cfg.unet.cross_attention_dim),
             PrototypeTokens(p.num_global, cfg.unet.cross_attention_dim),
         )
         super().__init__(cfg, num_categories, context=context)
@@ -92,7 +93,7 @@ class DPDiffModel(DiADModel):
             self._condition = previous
 
     def context(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[category tokens, global prototype tokens weighted by the image's assignment]."""
+        """[learned tokens, global prototype tokens weighted by the image's assignment]."""
         condition = self._condition
         if condition is None:
             condition = self.prototype_condition(batch.get("prototype_source", batch["image"]))

@@ -42,6 +42,66 @@ def _load(cls, source: str, subfolder: str):
         ) from exc
 
 
+def _hub_problem(repo: str, filename: str) -> str | None:
+    """Why ``filename`` of Hub repo ``repo`` cannot be had, or ``None``: the local cache is looked at
+    first; the Hub only when its host answers within seconds (huggingface_hub itself retries an
+    unreachable host for about 20 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo, filename), str):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "not in the local cache, and HF_HUB_OFFLINE is set"
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+    except OSError as exc:
+        return f"not in the local cache, and {endpoint.hostname} cannot be reached: {exc}"
+    try:
+        hf_hub_download(repo, filename, etag_timeout=10)
+    except Exception as exc:  # unknown or gated repo, a proxy that refuses: the weights are out of reach
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return None
+
+
+def pretrained_problems(cfg) -> list[str]:
+    """What stands between a ``ModelConfig`` and the pretrained weights it asks for, checked without
+    loading them (a few kB from the Hub at most): one line per problem, each naming the key to set.
+    The training job calls this before Ray starts, so a machine without the weights fails at once."""
+    problems = []
+    if cfg.pretrained:
+        source = cfg.pretrained
+        if _looks_like_path(source):
+            folder = Path(source).expanduser()
+            missing = [f"{sub}/config.json" for sub in ("unet", "vae") if not (folder / sub / "config.json").is_file()]
+            if missing:
+                problems.append(f"model.pretrained: {str(folder)!r} has no {' or '.join(missing)}; point it at a "
+                                "diffusers-format SD1.5 folder with unet/ and vae/ subfolders")
+        else:
+            why = _hub_problem(source, "unet/config.json")
+            if why:
+                problems.append(f"model.pretrained: cannot get {source!r} ({why}). On a machine with network run "
+                                f"`huggingface-cli download {source} --include 'unet/*' 'vae/*' --local-dir DIR`, "
+                                "copy DIR here and "
+                                "pass model.pretrained=DIR (or model.pretrained=null for random weights)")
+    backbone = cfg.backbone
+    if backbone.pretrained == "hub":
+        import timm
+
+        repo = timm.models.get_pretrained_cfg(backbone.name).hf_hub_id
+        why = _hub_problem(repo, "model.safetensors") if repo else "timm names no Hub weights for it"
+        if why:
+            problems.append(f"model.backbone.pretrained: cannot get the ImageNet weights of {backbone.name} ({repo}; "
+                            f"{why}). Download {repo}'s model.safetensors "
+                            "elsewhere and pass model.backbone.pretrained=FILE (or null for random weights)")
+    elif backbone.pretrained and not Path(backbone.pretrained).expanduser().is_file():
+        problems.append(f"model.backbone.pretrained: weights file {backbone.pretrained!r} does not exist")
+    return problems
+
+
 def load_pretrained(source: str) -> tuple[UNet2DConditionModel, AutoencoderKL]:
     """The pretrained UNet and VAE of a diffusers-format model folder or Hub id."""
     return _load(UNet2DConditionModel, source, "unet"), _load(AutoencoderKL, source, "vae")

@@ -68,7 +68,7 @@ def fit(
         if scheduler is not None:
             scheduler.step()
         losses.append(float(loss.detach()))
-    if stage == "vae" and calibrate_latents and batch is not None:
+    if stage == "vae" and calibrate_latents and model.cfg.refits_latent_scale and batch is not None:
         model.fit_latent_scale(batch["image"])
     model.set_stage("denoiser")
     model.eval()

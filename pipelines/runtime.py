@@ -1,0 +1,77 @@
+"""What every job does the same way: which Ray it runs on, quiet Ray Data, and its overrides.
+
+Which Ray: a job joins a cluster only when one is asked for (an explicit ``--address``, or
+``RAY_ADDRESS``, which ``ray job submit`` sets for the program it runs); otherwise it starts a
+private local Ray, even when another program's Ray head runs on the same machine (``ray.init()``
+with no address would join that one, with its own Python environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from anomdiff.config import apply_overrides, parse_override
+
+ADDRESS_HELP = ("a Ray cluster to run on (default: RAY_ADDRESS when set, as under `ray job submit`; "
+                "otherwise a private local Ray)")
+
+
+def add_address_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", default=None, help=ADDRESS_HELP)
+
+
+def ray_address(address: str | None = None) -> str | None:
+    """The cluster a job was asked to join, or ``None`` for a private local Ray."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def start_ray(address: str | None = None, quiet: bool = False, **local_options) -> None:
+    """Join the cluster that is asked for (:func:`ray_address`) or start a private local Ray with
+    ``local_options`` (``num_cpus``...); a Ray already started in this process is kept. Ray Data's
+    progress bars and per-execution plan lines are turned off (the jobs print their own progress);
+    ``quiet`` also keeps workers' output and Ray Data's info lines from the console."""
+    import ray
+
+    if not ray.is_initialized():
+        joined = ray_address(address)
+        if joined:
+            ray.init(address=joined, log_to_driver=not quiet)
+        else:
+            ray.init(address="local", log_to_driver=not quiet, **local_options)
+    quiet_data_logs()
+    if quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def quiet_data_logs() -> None:
+    """No progress bars and no per-execution plan lines from Ray Data: a training run re-executes its
+    dataset every epoch."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+
+
+def split_overrides(items: list[str], job_keys: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """Separate a job's own top-level keys (``scorers=4``) from config overrides (``data.path=...``):
+    returns ``({key: parsed value}, [the remaining key=value strings])``."""
+    own, rest = {}, []
+    for item in items:
+        keys, value = parse_override(item)
+        if len(keys) == 1 and keys[0] in job_keys:
+            own[keys[0]] = value
+        else:
+            rest.append(item)
+    return own, rest
+
+
+def override_sections(items: list[str], allowed: tuple[str, ...], job: str) -> dict:
+    """Overrides as a nested dict of config sections, refusing any section not in ``allowed``."""
+    tree = apply_overrides({}, items)
+    unknown = [key for key in tree if key not in allowed]
+    if unknown:
+        raise ValueError(f"override {unknown[0]}: {job} takes {', '.join(f'{a}.*' for a in allowed)}")
+    return tree
