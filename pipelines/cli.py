@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from anomdiff.models.config import preset_names
+
 # Errors that mean "your input is wrong", reported as one line without a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
@@ -125,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = commands.add_parser("model", help="model facts").add_subparsers(dest="model", required=True)
     params = model.add_parser("params", help="parameter counts per component")
-    params.add_argument("--preset", required=True, choices=("tiny", "small", "sd15"))
-    params.add_argument("--method", default="diad")
+    params.add_argument("--preset", required=True, choices=preset_names(), help="a file of conf/model/")
+    params.add_argument("--method", default=None, help="default: the preset's own method")
     params.add_argument("--json", action="store_true")
     params.set_defaults(func=_model_params)
 

@@ -161,9 +161,8 @@ def evaluate(model_dir: str, data_path: str, out_dir: str | None = None, overrid
 
 
 def protocol(model_config: dict) -> str:
-    """The evaluation protocol a model's config implies (``label_free`` for models saved before the
-    option existed would be wrong: they were told the category)."""
-    return model_config.get("conditioning", "category_aware")
+    """The evaluation protocol of a saved model's config: its ``conditioning``."""
+    return model_config["conditioning"]
 
 
 def _log(doc: dict, out: Path, tracking_cfg: TrackingConfig, model_dir: str, data_path: str) -> None:

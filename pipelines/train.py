@@ -12,8 +12,10 @@ On a cluster (KubeRay; see cluster/):
 Order of work: config and pre-flight checks (nothing starts on a bad config, a missing dataset, an
 output folder holding another run, or more workers than the cluster can place) -> Ray Data
 streams -> TorchTrainer whose workers run ``train_worker`` (DeepSpeed engine, optional VAE stage,
-denoiser stage, validation + ZeRO-sharded checkpoints every N steps) -> export of the best
-checkpoint as one safetensors model in ``output_dir/model/``.
+denoiser stage, validation + ZeRO-sharded checkpoints every N steps), or ``bank_worker`` for a
+method that trains nothing by gradient (``knn``: one pass that builds its memory bank, then
+validation and one checkpoint) -> export of the best checkpoint as one safetensors model in
+``output_dir/model/``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import shutil
 import tempfile
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -54,7 +57,7 @@ def preflight(cfg: ExperimentConfig) -> DataSpec:
         raise ValueError("data.path is not set: pass data.path=<a converted dataset>")
     if not cfg.output_dir:
         raise ValueError("output_dir is not set: pass output_dir=<folder for this run>")
-    weights = pretrained_problems(cfg.model)
+    weights = pretrained_problems(cfg.model, getattr(model_class(cfg.model.method), "loads_diffusion_weights", False))
     if weights:
         raise ValueError("; ".join(weights))
     spec = DataSpec.open(cfg.data, cfg.model.image_size, cfg.train.batch_size)
@@ -136,7 +139,7 @@ def train_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
-    tracked = rank == 0 and config["mlflow"] is not None
+    tracked = rank == 0
     runs = ExitStack()
     if tracked:
         runs.enter_context(tracking.resume(config["mlflow"]))
@@ -151,7 +154,7 @@ def train_worker(config: dict) -> None:
         with checkpoint.as_directory() as directory:
             start_step = json.loads((Path(directory) / STATE_FILE).read_text())["step"]
 
-    if cfg.train.vae_steps and checkpoint is None:
+    if cfg.train.vae_steps and "vae" in model.stages and checkpoint is None:
         # Stage 1 (DiAD Sec. 4.1): fine-tune the autoencoder on normal images. The VAE is small, so
         # this stage runs at most ZeRO-2 and is redone, not resumed, if a worker fails inside it.
         model.set_stage("vae")
@@ -183,11 +186,7 @@ def train_worker(config: dict) -> None:
                 write_json_atomic(Path(directory) / STATE_FILE, {"step": step, **result})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         if rank == 0:
-            stage.progress(f"[validate] step {step}: image AUROC {result['val_image_auroc']:.3f}, "
-                           f"pixel AUROC {result['val_pixel_auroc']:.3f} on {result['val_images']} held-out normals "
-                           "and their pasted-defect copies")
-            if mlflow.active_run():
-                mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step)
+            _report_validation(step, result)
 
     engine.train()
     name = f"denoiser (resumed at step {start_step})" if start_step else "denoiser"
@@ -198,54 +197,75 @@ def train_worker(config: dict) -> None:
 
 
 def bank_worker(config: dict) -> None:
-    """The per-worker job of a training-free method (``knn``): one pass over this worker's shard
-    collects patch features per category, each rank reduces them to a coreset, rank 0 gathers the
-    ranks' coresets and reduces them again (the bank of ``KNNModel.build_memory``), then the model
-    is validated and checkpointed like a trained one. A finished run's checkpoint is kept as it is."""
+    """The per-worker job of a method that trains nothing by gradient (``knn``). One pass over this
+    worker's shard feeds a bounded reservoir per category (``CategoryReservoir``: reduced by greedy
+    coreset as it fills); rank 0 gathers every rank's reservoirs and patch counts, keeps
+    ``coreset_size(total patches)`` rows per category (``KNNModel.build_memory``), validates the
+    bank and checkpoints it like a trained model. A finished run's checkpoint is kept as it is."""
     import torch
     import torch.distributed as dist
 
     from anomdiff.data.transforms import unit_range
     from anomdiff.models import build_model
+    from anomdiff.models.knn import CategoryReservoir
     from anomdiff.validation import validate
 
-    cfg = ExperimentConfig.from_dict(config["experiment"])
     if ray.train.get_checkpoint() is not None:
         return
+    cfg = ExperimentConfig.from_dict(config["experiment"])
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     model = build_model(cfg.model, len(config["categories"])).to(device).eval()
-    collected: dict[int, list] = {}
-    shard = ray.train.get_dataset_shard("train")
-    for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device):
-        features = model.patch_features(unit_range(batch["image"]))
-        rows = features.permute(0, 2, 3, 1).reshape(len(features), -1, features.shape[1])
+    reservoirs: dict[int, CategoryReservoir] = {}
+    for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=cfg.train.batch_size,
+                                                                         device=device):
+        rows = model.patch_features(unit_range(batch["image"])).permute(0, 2, 3, 1)
         for category in batch["category_index"].unique().tolist():
-            collected.setdefault(category, []).append(rows[batch["category_index"] == category].flatten(0, 1).cpu())
-    local = {c: model.category_coreset(torch.cat(parts)) for c, parts in collected.items()}
-    gathered = [local]
-    if dist.is_available() and dist.is_initialized():
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-    merged: dict[int, list] = {}
-    for part in gathered:
-        for category, rows in part.items():
-            merged.setdefault(category, []).append(rows)
-    model.build_memory({c: torch.cat(parts) for c, parts in merged.items()})
-    stage.progress(f"[memory bank] {len(model.memory)} patch features of {len(merged)} categories")
-    validation = ray.train.get_dataset_shard("validation").iter_torch_batches(batch_size=cfg.evaluate.batch_size,
-                                                                              device=device)
-    result = validate(model, validation, cfg.train.validation_images, seed=cfg.seed)
-    metrics = {"step": 0, **{k: v for k, v in result.items() if k != "score_range"}}
+            reservoir = reservoirs.setdefault(category, CategoryReservoir(model))
+            reservoir.add(rows[batch["category_index"] == category].flatten(0, 2))
+    local = {c: (r.count, r.rows().cpu()) for c, r in reservoirs.items()}
+    distributed = dist.is_available() and dist.is_initialized()
+    gathered = [None] * dist.get_world_size() if distributed and rank == 0 else [local]
+    if distributed:
+        dist.gather_object(local, gathered if rank == 0 else None, dst=0)
+
+    shared = [None]  # rank 0's validation metrics, so every rank reports the same
     with tempfile.TemporaryDirectory() as directory:
         if rank == 0:
+            counts: dict[int, int] = {}
+            parts: dict[int, list] = {}
+            for part in gathered:
+                for category, (count, rows) in part.items():
+                    counts[category] = counts.get(category, 0) + count
+                    parts.setdefault(category, []).append(rows)
+            model.build_memory({c: torch.cat(p) for c, p in parts.items()},
+                               {c: model.coreset_size(n) for c, n in counts.items()})
+            stage.progress(f"[memory bank] {len(model.memory)} of {sum(counts.values())} patch features, "
+                           f"{len(counts)} categories")
+            validation = ray.train.get_dataset_shard("validation").iter_torch_batches(
+                batch_size=cfg.evaluate.batch_size, device=device)
+            result = validate(model, validation, cfg.train.validation_images, seed=cfg.seed)
             model.save(Path(directory) / "model")
             write_json_atomic(Path(directory) / STATE_FILE, {"step": 0, **result})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None)
-    if rank == 0:
-        stage.progress(f"[validate] image AUROC {result['val_image_auroc']:.3f}, pixel AUROC "
-                       f"{result['val_pixel_auroc']:.3f} on {result['val_images']} held-out normals and their "
-                       "pasted-defect copies")
+            shared = [{"step": 0, **{k: v for k, v in result.items() if k != "score_range"}}]
+            _report_validation(0, result, config["mlflow"])
+        if distributed:
+            dist.broadcast_object_list(shared, src=0)
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+        ray.train.report(shared[0], checkpoint=checkpoint)
+
+
+def _report_validation(step: int, result: dict, run: dict | None = None) -> None:
+    """Rank 0's validation line, and its metrics in the job's MLflow run (the active one, or ``run``)."""
+    stage.progress(f"[validate] step {step}: image AUROC {result['val_image_auroc']:.3f}, pixel AUROC "
+                   f"{result['val_pixel_auroc']:.3f} on {result['val_images']} held-out normals and their "
+                   "pasted-defect copies")
+    metrics = {k: v for k, v in result.items() if isinstance(v, int | float)}
+    if mlflow.active_run():
+        mlflow.log_metrics(metrics, step)
+    elif run is not None:
+        with tracking.resume(run):
+            mlflow.log_metrics(metrics, step)
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -298,13 +318,15 @@ def run(cfg: ExperimentConfig, address: str | None = None) -> dict:
     runtime.start_ray(address)
     check_resources(cfg, spec)
 
-    datasets = {"train": train_dataset(spec), "validation": validation_dataset(spec)}
+    gradient_free = not getattr(model_class(cfg.model.method), "trained_by_gradient", True)
+    # A memory bank wants each training image once: category balancing would only repeat rows.
+    bank_spec = replace(spec, config=replace(spec.config, balanced=False))
+    datasets = {"train": train_dataset(bank_spec if gradient_free else spec), "validation": validation_dataset(spec)}
     run_ref = tracking.open_job_run(cfg.tracking, cfg.name, out / "mlflow_run_id", experiment=cfg)
     t = cfg.train
     per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     keep_best = CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute=SELECTION_METRIC,
                                  checkpoint_score_order="max")
-    gradient_free = not getattr(model_class(cfg.model.method), "trained_by_gradient", True)
     trainer = TorchTrainer(
         bank_worker if gradient_free else train_worker,
         train_loop_config={"experiment": cfg.to_dict(), "categories": categories, "mlflow": run_ref.to_dict()},

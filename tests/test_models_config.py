@@ -1,12 +1,18 @@
 import pytest
 
 from anomdiff.models.config import ModelConfig, load_preset, preset_names
+from anomdiff.models.params import count_parameters
 
 
-def test_the_three_presets_load():
+def test_every_preset_loads():
     assert {"tiny", "small", "sd15"} <= set(preset_names())
-    for name in ("tiny", "small", "sd15"):
+    for name in preset_names():
         assert load_preset(name).method == "diad"
+
+
+def test_the_knn_floor_counts_no_trained_parameters_and_bounds_its_bank():
+    counts = count_parameters("tiny", "knn")
+    assert counts["total"] == 0 and counts["memory"] == 1 * 2048 * (64 + 128)
 
 
 def test_sd15_preset_states_diads_defaults_and_asks_for_its_pretrained_weights():

@@ -76,6 +76,25 @@ def test_vae_stage_trains_only_the_autoencoder_and_fits_the_latent_scale():
     assert len(losses) == 5 and model.stage == "denoiser"
 
 
+def test_the_perceptual_term_trains_the_autoencoder_through_the_frozen_backbone():
+    model = tiny({"vae": {"feature_weight": 0.5}})
+    model.set_stage("vae")
+    batch = synthetic_batch(n=2)
+    out = model.vae_loss(batch)
+    assert out["vae_feature"] > 0
+    assert out["loss"].item() == pytest.approx(
+        (out["vae_rec"] + model.cfg.vae.kl_weight * out["vae_kl"] + 0.5 * out["vae_feature"]).item(), rel=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.features.parameters())
+    decoder_grad = model.vae.decoder.conv_out.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    model.cfg.vae.feature_weight = 0.0
+    plain = model.vae_loss(batch)
+    assert "vae_feature" not in plain
+    plain["loss"].backward()
+    assert not torch.allclose(model.vae.decoder.conv_out.weight.grad, decoder_grad)
+
+
 def test_score_returns_image_resolution_maps_and_is_deterministic():
     model = tiny().eval()
     batch = synthetic_batch(n=3)

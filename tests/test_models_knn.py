@@ -1,13 +1,12 @@
 """The PatchCore-style floor: coreset selection, nearest-neighbour search, the bank and its scores."""
 
-import numpy as np
 import pytest
 import torch
+from samples import images
 
-from anomdiff.data.synthetic import category_specs, paste_anomaly_float, render_normal
 from anomdiff.models import build_model, load_model
 from anomdiff.models.config import ModelConfig, load_preset
-from anomdiff.models.knn import greedy_coreset, nearest_distance
+from anomdiff.models.knn import CategoryReservoir, greedy_coreset, nearest_distance
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -22,22 +21,6 @@ def tiny_knn(overrides=None, num_categories=2):
     torch.manual_seed(0)
     cfg = ModelConfig.from_dict({"method": "knn", **(overrides or {})}, base=load_preset("tiny"))
     return build_model(cfg, num_categories)
-
-
-def images(category: int, n: int, seed: int, defects: bool = False):
-    """n 64 px normals of a synthetic category (or the same with one pasted defect each) and masks."""
-    spec = category_specs(category + 1, seed=0)[category]
-    rng = np.random.default_rng(seed)
-    out, masks = [], []
-    for _ in range(n):
-        image = render_normal(spec, rng, 64).astype(np.float32) / 255.0
-        mask = np.zeros(image.shape[:2], np.float32)
-        if defects:
-            image, mask, _ = paste_anomaly_float(image, rng)
-        out.append(image)
-        masks.append(mask)
-    x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() * 2 - 1
-    return x, torch.from_numpy(np.stack(masks).astype(np.float32))
 
 
 def test_greedy_coreset_takes_one_point_from_every_cluster_first():
@@ -66,6 +49,23 @@ def test_the_bank_is_a_bounded_coreset_per_category():
     model.build_memory(features)
     assert model.memory_category.tolist() == [0] * 30 + [1] * 40  # half of 60; 200 capped at 40
     assert model.parameter_counts()["memory"] == 2 * 40 * model.dim and model.trainable_parameters() == []
+
+
+def test_a_reservoir_stays_bounded_and_counts_every_row_it_saw():
+    model = tiny_knn({"knn": {"max_per_category": 10}})
+    reservoir = CategoryReservoir(model)
+    rows = [torch.randn(9, model.dim) for _ in range(7)]
+    for part in rows:
+        reservoir.add(part)
+        assert len(reservoir.rows()) <= 2 * 10
+    assert reservoir.count == 63
+    seen = torch.cat(rows)
+    assert all((seen == row).all(dim=1).any() for row in reservoir.rows())  # kept rows are real rows
+
+
+def test_the_category_aware_option_is_refused_for_a_method_that_never_reads_it():
+    with pytest.raises(ValueError, match="never reads a category"):
+        tiny_knn({"conditioning": "category_aware"})
 
 
 def test_patch_features_are_locally_aggregated_on_the_finest_grid():

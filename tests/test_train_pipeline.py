@@ -2,9 +2,12 @@
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
+import torch
 
 from anomdiff.config import CONF_DIR, load_config
+from anomdiff.data.splits import is_validation
 from anomdiff.data.synthetic import synthesize
 
 ray = pytest.importorskip("ray")
@@ -99,9 +102,17 @@ def test_knn_builds_its_bank_on_two_workers_and_evaluates_without_the_category(l
     metadata = train.run(cfg)
     model = load_model(tmp_path / "run" / "model")
     assert model.method == "knn" and metadata["step"] == 0 and 0.0 <= metadata["val_image_auroc"] <= 1.0
-    # Both ranks' shards reach the bank: every category keeps a coreset of its training patches.
-    assert sorted(model.memory_category.unique().tolist()) == [0, 1, 2]
-    assert train.run(cfg) == metadata  # a finished run is kept as it is
+    # Both ranks' shards reach the bank, reduced once: each category keeps coreset_ratio of all its
+    # training patches (8 x 8 per 32 px image), whichever rank saw them.
+    rows = pq.read_table(sorted(dataset.rglob("split=train/*.parquet")), columns=["sample_id", "category"])
+    kept = [c for c, sid in zip(rows["category"].to_pylist(), rows["sample_id"].to_pylist(), strict=True)
+            if not is_validation(sid, cfg.data.validation_fraction, cfg.data.validation_seed)]
+    categories = model.metadata["categories"]
+    expected = [model.coreset_size(64 * kept.count(c)) for c in categories]
+    assert torch.bincount(model.memory_category, minlength=3).tolist() == expected
+    bank = (tmp_path / "run" / "model" / "model.safetensors").stat().st_mtime_ns
+    assert train.run(cfg) == metadata  # a finished run is kept as it is, not rebuilt
+    assert (tmp_path / "run" / "model" / "model.safetensors").stat().st_mtime_ns == bank
     doc = evaluate.evaluate(str(tmp_path / "run" / "model"), str(dataset), str(tmp_path / "report"))
     assert doc["protocol"] == "label_free" and doc["num_images"] == 12
     assert "unified protocol" in (tmp_path / "report" / "metrics.md").read_text()

@@ -41,11 +41,26 @@ def check_vae_matches(vae: AutoencoderKL, cfg: ModelConfig, source: str) -> None
             raise ValueError(f"pretrained VAE from {source!r} has {key}={have}, but the model config says {value}")
 
 
-def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float) -> dict[str, torch.Tensor]:
-    """Fine-tuning loss on normal images in [-1, 1]: L1 reconstruction + ``kl_weight`` * KL."""
+def vae_loss(vae: AutoencoderKL, images: torch.Tensor, kl_weight: float, features=None,
+             feature_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """Fine-tuning loss on normal images in [-1, 1]: L1 reconstruction + ``kl_weight`` * KL, plus
+    ``feature_weight`` times the mean over layers of the cosine distance between the ``features``
+    (a callable returning feature maps, gradients flowing) of the images and of their reconstruction:
+    a perceptual term in the feature space the anomaly map is measured in, so that the autoencoder
+    keeps the texture the map would otherwise count as an anomaly."""
     posterior = vae.encode(images).latent_dist
     reconstruction = vae.decode(posterior.sample()).sample
     rec = F.l1_loss(reconstruction.float(), images.float())
     # posterior.kl() sums over latent elements; spread it over image pixels like the L1 term.
     kl = posterior.kl().float().mean() / images[0].numel()
-    return {"loss": rec + kl_weight * kl, "vae_rec": rec.detach(), "vae_kl": kl.detach()}
+    out = {"vae_rec": rec.detach(), "vae_kl": kl.detach()}
+    loss = rec + kl_weight * kl
+    if feature_weight:
+        with torch.no_grad():
+            wanted = features(images)
+        got = features(reconstruction)
+        perceptual = torch.stack([(1 - F.cosine_similarity(a.float(), b.float(), dim=1)).mean()
+                                  for a, b in zip(wanted, got, strict=True)]).mean()
+        loss = loss + feature_weight * perceptual
+        out["vae_feature"] = perceptual.detach()
+    return {"loss": loss, **out}

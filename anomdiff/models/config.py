@@ -42,6 +42,10 @@ class UNetConfig(Section):
 class VAEConfig(Section):
     """diffusers ``AutoencoderKL`` dimensions (defaults: SD's KL-f8, 83.65M) and its fine-tuning loss.
 
+    ``feature_weight``: weight of a perceptual term in the fine-tuning loss, the cosine distance
+    between the anomaly map's backbone features of an image and of its reconstruction (0: LDM's L1 +
+    KL only, as DiAD).
+
     ``refit_scale``: after VAE fine-tuning, rescale latents to unit variance (LDM's scale_by_std).
     ``null`` (default) refits an autoencoder trained from random weights and keeps a pretrained
     one's scale (SD's 0.18215); ``true`` or ``false`` decide either way."""
@@ -53,6 +57,7 @@ class VAEConfig(Section):
     sample_size: int = 512
     scaling_factor: float = 0.18215
     kl_weight: float = 1.0e-6
+    feature_weight: float = 0.0
     refit_scale: bool | None = None
 
 
@@ -79,11 +84,13 @@ class BackboneConfig(Section):
     ``layers`` are timm ``features_only`` indices; ResNet's 1, 2, 3 are layer1-layer3, the maps
     DiAD's evaluation slices (``features[1:4]``). ``pretrained``: null for random initialisation,
     ``hub`` for timm's default weights (needs network or a warm cache), or a local weights file.
+    ``img_size``: the input size a ViT is built for (its position embeddings); null for CNNs.
     """
 
     name: str = "resnet50"
     layers: list[int] = field(default_factory=lambda: [1, 2, 3])
     pretrained: str | None = None
+    img_size: int | None = None
 
 
 @dataclass
@@ -189,6 +196,9 @@ class KNNConfig(Section):
         for name in ("neighbourhood", "dim", "max_per_category", "projection_dim", "chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.knn.{name} must be >= 1, got {getattr(self, name)}")
+        if self.neighbourhood % 2 == 0:
+            raise ValueError(f"model.knn.neighbourhood must be odd (a window centred on its patch), "
+                             f"got {self.neighbourhood}")
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ValueError(f"model.knn.coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
 

@@ -33,8 +33,6 @@ from anomdiff.models.pretrained import load_pretrained
 from anomdiff.models.saved import load_weights, read_saved_config, save_model
 from anomdiff.models.unet import UNET_PARTS, build_unet, check_unet_matches
 
-STAGES = ("vae", "denoiser")
-
 
 class DiADModel(nn.Module):
     """DiAD with learned context tokens. ``batch``: ``image`` B x 3 x H x W in [-1, 1],
@@ -42,6 +40,8 @@ class DiADModel(nn.Module):
     ``mask`` B x 1 x H x W."""
 
     method = "diad"
+    stages = ("vae", "denoiser")  # autoencoder fine-tuning (optional), then the denoiser
+    loads_diffusion_weights = True  # model.pretrained: SD's UNet and VAE
 
     def __init__(self, cfg: ModelConfig, num_categories: int, context: ContextProvider | None = None):
         super().__init__()
@@ -92,8 +92,8 @@ class DiADModel(nn.Module):
 
     def set_stage(self, stage: str) -> None:
         """Select what trains: ``vae`` (autoencoder fine-tuning) or ``denoiser`` (``cfg.trainable``)."""
-        if stage not in STAGES:
-            raise ValueError(f"unknown training stage {stage!r}; choose from {STAGES}")
+        if stage not in self.stages:
+            raise ValueError(f"unknown training stage {stage!r}; choose from {self.stages}")
         parts = self._parts()
         self.requires_grad_(False)
         if stage == "vae":
@@ -202,7 +202,8 @@ class DiADModel(nn.Module):
         """Autoencoder fine-tuning loss on normal images (stage ``vae``)."""
         x0 = batch["image"]
         with self._autocast(x0.device):
-            return vae_loss(self.vae, x0, self.cfg.vae.kl_weight)
+            return vae_loss(self.vae, x0, self.cfg.vae.kl_weight, self.features.differentiable,
+                            self.cfg.vae.feature_weight)
 
     # --- inference ---------------------------------------------------------------------------
 

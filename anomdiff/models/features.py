@@ -17,7 +17,8 @@ from anomdiff.models.config import BackboneConfig
 
 
 def _create(cfg: BackboneConfig) -> nn.Module:
-    kwargs = {"features_only": True, "out_indices": tuple(cfg.layers)}
+    kwargs = {"features_only": True, "out_indices": tuple(cfg.layers),
+              **({"img_size": cfg.img_size} if cfg.img_size else {})}
     if cfg.pretrained is None:
         return timm.create_model(cfg.name, pretrained=False, **kwargs)
     if cfg.pretrained == "hub":
@@ -64,5 +65,10 @@ class FeatureExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Feature maps of images in [-1, 1], one per configured layer."""
+        return self.differentiable(images)
+
+    def differentiable(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The same feature maps with gradients flowing to ``images`` (the weights stay frozen): for
+        losses measured in this feature space."""
         x = ((images + 1) / 2 - self.mean.to(images.dtype)) / self.std.to(images.dtype)
         return self.backbone(x)

@@ -32,8 +32,6 @@ from anomdiff.models.config import BackboneConfig, ModelConfig
 from anomdiff.models.features import FeatureExtractor
 from anomdiff.models.saved import load_weights, read_saved_config, save_model
 
-STAGES = ("vae", "denoiser")
-
 
 def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128, seed: int = 0) -> torch.Tensor:
     """Indices of ``size`` rows of ``features`` (N x D) chosen by PatchCore's greedy coreset
@@ -59,15 +57,18 @@ def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128,
 
 
 def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-    """Euclidean distance of every query (M x D) to its nearest bank row (K x D), the bank searched
-    in chunks of ``chunk`` rows so memory stays bounded at any bank size."""
+    """Euclidean distance of every query (M x D) to its nearest bank row (K x D), queries and bank
+    both taken in chunks of ``chunk`` rows so memory stays bounded at any size."""
     if len(bank) == 0:
         raise ValueError("the memory bank is empty: build it from training images first (anomdiff train)")
-    best = None
-    for start in range(0, len(bank), chunk):
-        distance = torch.cdist(queries.float(), bank[start:start + chunk].float()).amin(dim=1)
-        best = distance if best is None else torch.minimum(best, distance)
-    return best
+    out = []
+    for q in range(0, len(queries), chunk):
+        best = None
+        for start in range(0, len(bank), chunk):
+            distance = torch.cdist(queries[q:q + chunk].float(), bank[start:start + chunk].float()).amin(dim=1)
+            best = distance if best is None else torch.minimum(best, distance)
+        out.append(best)
+    return torch.cat(out)
 
 
 class KNNModel(nn.Module):
@@ -75,27 +76,29 @@ class KNNModel(nn.Module):
     in [-1, 1]; ``category_index`` is read only while the bank is built (training images)."""
 
     method = "knn"
-    trained_by_gradient = False  # the training job builds its memory bank instead of running DeepSpeed
+    stages = ()  # nothing trains by gradient:
+    trained_by_gradient = False  # the training job builds the memory bank instead of running DeepSpeed
 
     def __init__(self, cfg: ModelConfig, num_categories: int):
         super().__init__()
+        if cfg.conditioning != "label_free":
+            raise ValueError("model.conditioning: knn searches every category's bank and never reads a category; "
+                             "leave it label_free")
         self.cfg, self.num_categories = cfg, num_categories
         k = cfg.knn
         layers = k.layers if k.layers is not None else cfg.backbone.layers
         self.features = FeatureExtractor(BackboneConfig(name=cfg.backbone.name, layers=list(layers),
-                                                        pretrained=cfg.backbone.pretrained))
+                                                        pretrained=cfg.backbone.pretrained,
+                                                        img_size=cfg.backbone.img_size))
         self.dim = min(sum(self.features.channels), k.dim)
         self.register_buffer("memory", torch.zeros(0, self.dim))
         self.register_buffer("memory_category", torch.zeros(0, dtype=torch.long))
         self.metadata: dict = {}
-        self.stage = "denoiser"
 
     # --- the training interface: nothing trains by gradient --------------------------------------
 
     def set_stage(self, stage: str) -> None:
-        if stage not in STAGES:
-            raise ValueError(f"unknown training stage {stage!r}; choose from {STAGES}")
-        self.stage = stage
+        raise ValueError(f"knn has no training stage ({stage!r}): the training job builds its memory bank")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return []
@@ -124,25 +127,30 @@ class KNNModel(nn.Module):
         return x
 
     def coreset_size(self, n: int) -> int:
+        """The bank's entries for a category of ``n`` training patches: ``coreset_ratio`` of them, at
+        least one, at most ``max_per_category``."""
         k = self.cfg.knn
         return max(1, min(k.max_per_category, math.ceil(k.coreset_ratio * n)))
 
-    def category_coreset(self, features: torch.Tensor) -> torch.Tensor:
-        """The coreset rows of one category's patch features (N x D)."""
+    def coreset(self, features: torch.Tensor, size: int) -> torch.Tensor:
+        """The ``size`` greedy-coreset rows of ``features`` (N x D); all of them when N <= size."""
         k = self.cfg.knn
-        return features[greedy_coreset(features, self.coreset_size(len(features)), k.projection_dim, k.seed)]
+        return features[greedy_coreset(features, size, k.projection_dim, k.seed)]
 
-    def build_memory(self, features_by_category: dict[int, torch.Tensor]) -> None:
-        """Fill the bank with each category's coreset (Sec. 3.2): ``{category_index: N x D}``."""
+    def build_memory(self, features_by_category: dict[int, torch.Tensor], sizes: dict[int, int] | None = None) -> None:
+        """Fill the bank with each category's coreset (Sec. 3.2): ``{category_index: N x D}``, reduced to
+        ``sizes[category]`` rows (default: :meth:`coreset_size` of the rows given)."""
         rows, owners = [], []
         for category, features in sorted(features_by_category.items()):
-            kept = self.category_coreset(features.to(self.memory.device))
+            size = sizes[category] if sizes is not None else self.coreset_size(len(features))
+            kept = self.coreset(features.to(self.memory.device), size)
             rows.append(kept)
             owners.append(torch.full((len(kept),), int(category), dtype=torch.long, device=kept.device))
         if not rows:
             raise ValueError("no training features to build the memory bank from")
         self.memory = torch.cat(rows).to(self.memory.dtype)
         self.memory_category = torch.cat(owners)
+
 
     # --- inference ------------------------------------------------------------------------------
 
@@ -178,3 +186,26 @@ class KNNModel(nn.Module):
         model.load_state_dict(state, strict=True)
         model.cfg, model.metadata = cfg, info.get("metadata", {})
         return model.to(device).eval()
+
+
+class CategoryReservoir:
+    """One category's patch features seen so far, bounded: whenever more than twice ``size`` rows are
+    held they are reduced to a ``size``-row greedy coreset (a streaming approximation of Alg. 1), so a
+    worker's memory stays at ``2 x size`` rows per category however large its shard. ``count`` is
+    every row seen, for the category's ``coreset_ratio``."""
+
+    def __init__(self, model: KNNModel):
+        self.model, self.size = model, model.cfg.knn.max_per_category
+        self.parts: list[torch.Tensor] = []
+        self.held = self.count = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        self.parts.append(rows)
+        self.held += len(rows)
+        self.count += len(rows)
+        if self.held > 2 * self.size:
+            self.parts = [self.model.coreset(torch.cat(self.parts), self.size)]
+            self.held = len(self.parts[0])
+
+    def rows(self) -> torch.Tensor:
+        return torch.cat(self.parts)

@@ -11,10 +11,12 @@ from anomdiff.models import build_model
 from anomdiff.models.config import ModelConfig, load_preset
 
 
-def count_parameters(preset: str, method: str = "diad") -> dict[str, int]:
-    """``{"unet", "sg", "vae", "prototypes", "total"}`` for ``conf/model/<preset>.yaml`` and ``method``."""
+def count_parameters(preset: str, method: str | None = None) -> dict[str, int]:
+    """``{"unet", "sg", "vae", "prototypes", ..., "total"}`` for ``conf/model/<preset>.yaml`` and
+    ``method`` (default: the preset's own)."""
+    base = load_preset(preset)
     cfg = ModelConfig.from_dict(
-        {"method": method, "pretrained": None, "backbone": {"pretrained": None}}, base=load_preset(preset)
+        {"method": method or base.method, "pretrained": None, "backbone": {"pretrained": None}}, base=base
     )
     with init_empty_weights():
         model = build_model(cfg, num_categories=1)

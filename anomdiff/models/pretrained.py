@@ -67,12 +67,14 @@ def _hub_problem(repo: str, filename: str) -> str | None:
     return None
 
 
-def pretrained_problems(cfg) -> list[str]:
+def pretrained_problems(cfg, diffusion: bool = True) -> list[str]:
     """What stands between a ``ModelConfig`` and the pretrained weights it asks for, checked without
-    loading them (a few kB from the Hub at most): one line per problem, each naming the key to set.
-    The training job calls this before Ray starts, so a machine without the weights fails at once."""
+    loading them (a config file of a few kB from the Hub at most): one line per problem, each naming
+    the key to set. ``diffusion``: whether the method loads ``model.pretrained`` (SD's UNet and VAE;
+    ``knn`` and ``proad`` use the backbone only). The training job calls this before Ray starts, so
+    a machine without the weights fails at once."""
     problems = []
-    if cfg.pretrained:
+    if cfg.pretrained and diffusion:
         source = cfg.pretrained
         if _looks_like_path(source):
             folder = Path(source).expanduser()
@@ -92,7 +94,7 @@ def pretrained_problems(cfg) -> list[str]:
         import timm
 
         repo = timm.models.get_pretrained_cfg(backbone.name).hf_hub_id
-        why = _hub_problem(repo, "model.safetensors") if repo else "timm names no Hub weights for it"
+        why = _hub_problem(repo, "config.json") if repo else "timm names no Hub weights for it"
         if why:
             problems.append(f"model.backbone.pretrained: cannot get the ImageNet weights of {backbone.name} ({repo}; "
                             f"{why}). Download {repo}'s model.safetensors "

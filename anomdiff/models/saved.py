@@ -31,7 +31,10 @@ def read_saved_config(directory: str | Path) -> dict:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{str(directory)!r} is not a saved anomdiff model: {name} is missing")
-    return json.loads((directory / CONFIG_FILE).read_text())
+    info = json.loads((directory / CONFIG_FILE).read_text())
+    # Models saved before ``model.conditioning`` existed were given a token set per category.
+    info.get("config", {}).setdefault("conditioning", "category_aware")
+    return info
 
 
 def load_weights(directory: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

@@ -60,8 +60,11 @@ from pipelines.runtime import add_address_argument, ray_address, start_ray
 
 
 def _cluster_resources() -> dict:
+    """CPUs, GPUs and memory of the Ray this run started or joined; empty when it uses none."""
     import ray
 
+    if not ray.is_initialized():
+        return {}
     return {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")}
 
 
@@ -139,7 +142,7 @@ def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS, workdir: str 
             doc["zero_memory"] = zero_section(sizes, work / "ray")
         if "methods" in wanted:
             _progress(start, "methods: each trained by the demo experiment on the synthetic and photograph datasets")
-            doc["methods"] = methods_section(work / "methods", sizes)
+            doc["methods"] = methods_section(work / "methods")
         if doc["gpu"] and _cluster_resources().get("GPU", 0) >= 2:
             _progress(start, "GPU: ZeRO stages 0-3 at DiAD's batch 12 on 2 GPU workers (sd15 preset)")
             doc["gpu"]["zero_memory"] = zero_section(replace(sizes, zero_preset="sd15", zero_overrides=RANDOM_WEIGHTS),

@@ -11,7 +11,6 @@ import numpy as np
 
 from anomdiff.config import load_config
 from pipelines.bench.measure import ratio, torch_threads
-from pipelines.bench.sizes import Sizes
 
 METHODS = ("knn", "diad", "dpdiff")
 DATASETS = ("synthetic", "photos")
@@ -74,36 +73,41 @@ def scoring_images_per_s(model_dir: Path, data: Path, images: int = SCORED_IMAGE
     return sum(len(x) for x in batches[1:]) / seconds
 
 
-def methods_section(work: Path, sizes: Sizes, methods: tuple[str, ...] = METHODS,
-                    datasets: tuple[str, ...] = DATASETS, num_categories: int = 8) -> dict:
+def methods_section(work: Path, methods: tuple[str, ...] = METHODS, datasets: tuple[str, ...] = DATASETS,
+                    num_categories: int = 8, variants: dict[str, tuple[str, ...]] | None = None) -> dict:
     """Every method at the same budget: ``conf/experiment/demo.yaml`` (steps, workers, ZeRO stage,
     seed) with only ``model.method`` changed, trained by ``pipelines.train`` and evaluated by
     ``pipelines.evaluate`` on each dataset's test split (the exported model is the checkpoint chosen
-    on validation, never on test)."""
+    on validation, never on test). ``variants`` adds rows: a name and the overrides (``model.method``
+    among them) that make it, for ablations."""
     from anomdiff.config import CONF_DIR
+    from anomdiff.models import model_class
     from pipelines import evaluate, train
 
     out: dict = {"experiment": "demo", "protocol": "label_free"}
     for name in datasets:
         data = make_dataset(name, work / "data", num_categories)
         rows: dict = {}
-        for method in methods:
+        runs = {method: (f"model.method={method}",) for method in methods} | (variants or {})
+        for method, overrides in runs.items():
             run_dir = work / name / method
             cfg = load_config(CONF_DIR / "experiment" / "demo.yaml",
-                              [f"data.path={data}", f"output_dir={run_dir}", f"model.method={method}",
+                              [f"data.path={data}", f"output_dir={run_dir}", *overrides,
                                "tracking.experiment=anomdiff-bench-methods"])
             tick = time.perf_counter()
             train.run(cfg)
             train_s = time.perf_counter() - tick
             doc = evaluate.evaluate(str(run_dir / "model"), str(data), str(run_dir / "evaluation"),
                                     ["tracking.experiment=anomdiff-bench-methods"])
-            steps_per_s = _denoiser_steps_per_s(run_dir) if method != "knn" else None
+            kind = model_class(cfg.model.method)
+            trained = getattr(kind, "trained_by_gradient", True)
+            steps_per_s = _denoiser_steps_per_s(run_dir) if trained else None
             rows[method] = {**{k: doc["mean"][k] for k in ("image_auroc", "pixel_auroc", "aupro")},
                             "protocol": doc["protocol"], "train_s": train_s,
                             "scoring_images_per_s": scoring_images_per_s(run_dir / "model", data),
                             "denoiser_step_s": 1 / steps_per_s if steps_per_s else None,
-                            "steps": cfg.train.steps if method != "knn" else 0,
-                            "vae_steps": cfg.train.vae_steps if method != "knn" else 0}
+                            "steps": cfg.train.steps if trained else 0,
+                            "vae_steps": cfg.train.vae_steps if "vae" in kind.stages else 0}
             print(f"[bench] {name} / {method}: image AUROC {doc['mean']['image_auroc']:.3f}, pixel AUROC "
                   f"{doc['mean']['pixel_auroc']:.3f}, AUPRO {doc['mean']['aupro']:.3f}, trained in {train_s:.0f} s",
                   flush=True)
