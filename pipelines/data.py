@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import ray
 import ray.data
+import ray.train
 
 from anomdiff.config import DataConfig
 from anomdiff.data.manifest import read_manifest, shard_paths
@@ -113,3 +114,25 @@ def test_dataset(spec: DataSpec, categories: list[str] | None = None,
     the spec's); ``subset`` reads only those categories (default all of ``categories``)."""
     categories = categories or spec.categories
     return _decoded(read_rows(spec, "test", subset or categories), spec, categories)
+
+
+class EveryRowDataConfig(ray.train.DataConfig):
+    """Ray Train's data config, with ``datasets_to_split`` shards that keep every row. The default
+    splits with ``equal=True``, dropping up to ``world_size - 1`` rows so that workers stepping in
+    lockstep get the same number of batches; a memory bank, built in one pass without collective
+    steps, wants every training image instead."""
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        split = set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name, dataset in datasets.items():
+            dataset = dataset.copy(dataset)
+            dataset.context.execution_options = self._resolve_execution_options(name)
+            if name in split:
+                for rank, shard in enumerate(dataset.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    output[rank][name] = shard
+            else:
+                for rank in range(world_size):
+                    output[rank][name] = dataset.iterator()
+        return output

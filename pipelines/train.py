@@ -40,7 +40,7 @@ from anomdiff.config import ExperimentConfig, load_config, save_config
 from anomdiff.models import model_class
 from anomdiff.models.pretrained import pretrained_problems
 from pipelines import runtime, stage, tracking
-from pipelines.data import DataSpec, train_dataset, validation_dataset
+from pipelines.data import DataSpec, EveryRowDataConfig, train_dataset, validation_dataset
 
 SELECTION_METRIC = "val_image_auroc"
 STATE_FILE = "train_state.json"
@@ -334,7 +334,7 @@ def run(cfg: ExperimentConfig, address: str | None = None) -> dict:
         run_config=RunConfig(name="ray", storage_path=str(out), checkpoint_config=keep_best,
                              failure_config=FailureConfig(max_failures=t.max_failures)),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=(EveryRowDataConfig if gradient_free else DataConfig)(datasets_to_split=["train"]),
     )
     result = trainer.fit()
     best_checkpoint, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC])
