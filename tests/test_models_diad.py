@@ -16,14 +16,7 @@ from anomdiff.models.train_loop import fit
 SIZE = 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """One intra-op thread: on a busy two-core machine two spinning OpenMP threads ran these
-    tests several times slower and burned more CPU than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def tiny_cfg(overrides=None) -> ModelConfig:

@@ -8,13 +8,7 @@ from anomdiff.models import build_model, load_model
 from anomdiff.models.config import ModelConfig, load_preset
 from anomdiff.models.knn import CategoryReservoir, greedy_coreset, nearest_distance
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def tiny_knn(overrides=None, num_categories=2):

@@ -21,6 +21,7 @@ channels 252 MB.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomdiff import scoring
-from anomdiff.models.config import BackboneConfig, ModelConfig
+from anomdiff.models.config import ModelConfig
 from anomdiff.models.features import FeatureExtractor
 from anomdiff.models.saved import load_weights, read_saved_config, save_model
 
@@ -87,9 +88,7 @@ class KNNModel(nn.Module):
         self.cfg, self.num_categories = cfg, num_categories
         k = cfg.knn
         layers = k.layers if k.layers is not None else cfg.backbone.layers
-        self.features = FeatureExtractor(BackboneConfig(name=cfg.backbone.name, layers=list(layers),
-                                                        pretrained=cfg.backbone.pretrained,
-                                                        img_size=cfg.backbone.img_size))
+        self.features = FeatureExtractor(replace(cfg.backbone, layers=list(layers)))
         self.dim = min(sum(self.features.channels), k.dim)
         self.register_buffer("memory", torch.zeros(0, self.dim))
         self.register_buffer("memory_category", torch.zeros(0, dtype=torch.long))
