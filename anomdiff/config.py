@@ -14,6 +14,7 @@ and its nearest valid spelling.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import yaml
 
 from anomdiff.atomic import write_text_atomic
 from anomdiff.models.config import ModelConfig
-from anomdiff.sections import Section, UnknownKeyError
+from anomdiff.sections import Section, UnknownKeyError, require_at_least
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -79,6 +80,16 @@ class TrainConfig(Section):
     validation_images: int = 64
     zero: ZeroConfig = field(default_factory=ZeroConfig)
 
+    def __post_init__(self) -> None:
+        require_at_least("train", self, ("num_workers", "batch_size", "grad_accum", "steps", "log_every",
+                                         "checkpoint_every", "keep_checkpoints", "validation_images"))
+        require_at_least("train", self, ("vae_steps", "max_failures"), low=0)
+        for name in ("lr", "vae_lr", "cpus_per_worker", "grad_clip"):
+            if not 0 < getattr(self, name) < math.inf:  # nan fails every comparison
+                raise ValueError(f"train.{name} must be a positive finite number, got {getattr(self, name)}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"train.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+
 
 @dataclass
 class EvaluateConfig(Section):
@@ -88,6 +99,11 @@ class EvaluateConfig(Section):
     streaming: bool = True
     num_bins: int = 16384
     worst_cases: int = 4
+
+    def __post_init__(self) -> None:
+        require_at_least("evaluate", self, ("batch_size",))
+        require_at_least("evaluate", self, ("num_bins",), low=2)
+        require_at_least("evaluate", self, ("worst_cases",), low=0)
 
 
 @dataclass
@@ -135,8 +151,15 @@ def _merge(base: dict, update: dict) -> dict:
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config file not found")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with path.open() as f:
+            data = yaml.safe_load(f) or {}  # safe: a !!python tag is an error, never code
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ValueError(f"{path}: not valid YAML{at} ({getattr(exc, 'problem', None) or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a text file ({exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     return data
@@ -155,6 +178,9 @@ def compose(path: str | Path, overrides: list[str] = ()) -> dict:
     path = Path(path)
     data = _read_yaml(path)
     parts = data.pop("compose", {}) or {}
+    if not isinstance(parts, dict):
+        raise ValueError(f"{path}: compose must map sections to preset names, e.g. "
+                         f"{{data: synthetic, model: tiny, train: cpu}}, got {parts!r}")
     merged: dict = {}
     for section, name in parts.items():
         if section not in ("data", "model", "train", "evaluate", "tracking"):

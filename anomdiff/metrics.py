@@ -10,7 +10,7 @@ curve is integrated over FPR in [0, 0.3] by the trapezoid rule and divided by 0.
 F1max is the largest F1 = 2PR / (P + R) over all thresholds of the precision-recall curve.
 An AUROC below 0.5 is reported as it is, never flipped.
 
-Two entry points produce the same document (DESIGN.md)::
+Two entry points produce the same document (README, "Metrics")::
 
     {"num_images": N,
      "mean": {"image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "aupro"},

@@ -64,6 +64,13 @@ def image_score(maps: torch.Tensor, rounds: int = 8, kernel: int = 8) -> torch.T
     return x.flatten(1).amax(dim=1)
 
 
+def top_fraction_mean(maps: torch.Tensor, fraction: float = 0.01) -> torch.Tensor:
+    """Mean of the highest ``fraction`` of each map's pixels (at least one); ``B`` (INP-Former's image score)."""
+    flat = maps.float().flatten(1)
+    k = max(1, round(fraction * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(dim=1)
+
+
 def _as_numpy(scores) -> np.ndarray:
     if isinstance(scores, torch.Tensor):
         scores = scores.detach().float().cpu().numpy()

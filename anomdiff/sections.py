@@ -30,6 +30,14 @@ class ConfigTypeError(TypeError, ValueError):
     """A config value of the wrong type; the message names its dotted key."""
 
 
+def require_at_least(section: str, obj: object, names: tuple[str, ...], low: int = 1) -> None:
+    """Raise ``ValueError`` naming ``section.name`` for each integer field of ``obj`` below ``low``."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{section}.{name} must be an integer >= {low}, got {value!r}")
+
+
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 

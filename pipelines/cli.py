@@ -1,4 +1,4 @@
-"""The ``anomdiff`` console script (DESIGN.md, "Command-line contract").
+"""The ``anomdiff`` console script (README, "Command line").
 
 Data and model commands run here in-process; the Ray jobs (``train``, ``evaluate``, ``bench``) are
 ``python -m pipelines.<job>`` programs and the subcommand forwards its arguments to their ``main``.
@@ -85,6 +85,24 @@ def _model_params(args: argparse.Namespace) -> None:
             print(f"{name:>12}  {n:>14,d}")
 
 
+def bounded(kind: type, low: float, high: float):
+    """An argparse type: a ``kind`` number within [low, high], else a usage error naming the option."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not low <= value <= high:  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"{text} is outside [{low:g}, {high:g}]")
+        return value
+    return parse
+
+
+IMAGE_SIZE = bounded(int, 16, 4096)  # the backbones' strides need 16 px; 4096 px is ~50 MB per decoded image
+PER_CATEGORY = bounded(int, 1, 1_000_000)
+SEED = bounded(int, 0, 2**32 - 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomdiff", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -92,31 +110,32 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser("data", help="build and inspect datasets").add_subparsers(dest="data", required=True)
     synth = data.add_parser("synth", help="write the synthetic multi-category dataset")
     synth.add_argument("out")
-    synth.add_argument("--categories", type=int, required=True)
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--image-size", type=int, default=128)
-    synth.add_argument("--train-per-category", type=int, default=40)
-    synth.add_argument("--test-per-category", type=int, default=20)
+    synth.add_argument("--categories", type=bounded(int, 1, 10_000), required=True)
+    synth.add_argument("--seed", type=SEED, default=0)
+    synth.add_argument("--image-size", type=IMAGE_SIZE, default=128)
+    synth.add_argument("--train-per-category", type=PER_CATEGORY, default=40)
+    synth.add_argument("--test-per-category", type=PER_CATEGORY, default=20)
     photos = data.add_parser("photos", help="write the real-photograph benchmark (MVTec layout) from skimage.data")
     photos.add_argument("out")
     photos.add_argument("--categories", help="comma-separated photographs (default: all)")
-    photos.add_argument("--seed", type=int, default=0)
-    photos.add_argument("--image-size", type=int, default=64)
-    photos.add_argument("--train-per-category", type=int, default=40)
-    photos.add_argument("--test-per-category", type=int, default=20)
+    photos.add_argument("--seed", type=SEED, default=0)
+    photos.add_argument("--image-size", type=IMAGE_SIZE, default=64)
+    photos.add_argument("--train-per-category", type=PER_CATEGORY, default=40)
+    photos.add_argument("--test-per-category", type=PER_CATEGORY, default=20)
     photos.add_argument("--overwrite", action="store_true", help="replace a benchmark this command wrote before")
     photos.set_defaults(func=_data_photos)
     convert = data.add_parser("convert", help="convert a public dataset layout to sharded parquet")
     convert.add_argument("src")
     convert.add_argument("out")
     convert.add_argument("--format", required=True, choices=("mvtec", "visa", "realiad", "folder"))
-    convert.add_argument("--image-size", type=int, default=256)
+    convert.add_argument("--image-size", type=IMAGE_SIZE, default=256)
     convert.add_argument("--skip-bad", action="store_true", help="leave bad samples out, listed in rejected.jsonl")
     convert.add_argument("--json-dir", help="realiad: another split set (e.g. single-view, fuiad json folder)")
     for sub in (synth, convert):
-        sub.add_argument("--shard-mb", type=float, default=128)
-        sub.add_argument("--overwrite", action="store_true")
-        sub.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+        sub.add_argument("--shard-mb", type=bounded(float, 0.01, 65536), default=128)
+        sub.add_argument("--overwrite", action="store_true",
+                         help="replace OUT if it holds a dataset (never the source or a folder holding it)")
+        sub.add_argument("--workers", type=bounded(int, 1, 1024), default=None, help="processes (default: all cores)")
     synth.set_defaults(func=_data_synth)
     convert.set_defaults(func=_data_convert)
     inspect = data.add_parser("inspect", help="counts per category/split/label")

@@ -19,14 +19,14 @@ from pathlib import Path
 from anomdiff.atomic import write_json_atomic
 from anomdiff.config import CONF_DIR, load_config
 from anomdiff.data.manifest import format_table, read_manifest, summary, verify
-from anomdiff.data.schema import MANIFEST_NAME
+from anomdiff.data.schema import manifest_path
 from anomdiff.data.synthetic import synthesize
 from pipelines import evaluate, runtime, tracking, train
 
 
 def _synthesized_with(data: Path) -> dict | None:
     """The generator settings of an existing demo dataset, so a rerun reuses it."""
-    if not (data / MANIFEST_NAME).is_file():
+    if manifest_path(data) is None:
         return None
     manifest = read_manifest(data)
     counts = manifest["counts"].values()

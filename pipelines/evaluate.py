@@ -100,6 +100,7 @@ def evaluate(model_dir: str, data_path: str, out_dir: str | None = None, overrid
              address: str | None = None) -> dict:
     """Score the test split of ``data_path`` with the model in ``model_dir`` on the Ray that ``address``
     names (``pipelines.runtime.start_ray``); returns the metrics document."""
+    from anomdiff.models import load_model
     from anomdiff.models.saved import read_saved_config
 
     saved = read_saved_config(model_dir)
@@ -115,6 +116,9 @@ def evaluate(model_dir: str, data_path: str, out_dir: str | None = None, overrid
     if "conditioning" in model_overrides or "method" in model_overrides:
         raise ValueError("model.conditioning and model.method are fixed when a model is trained; "
                          "evaluate takes inference keys of model.* only")
+    # Loaded once here, before Ray: a damaged model or a bad override fails now, with one line, not
+    # inside every scoring actor.
+    ModelConfig.from_dict(model_overrides, base=load_model(model_dir).cfg)
     spec = DataSpec.open(DataConfig(path=str(data_path)), saved["config"]["image_size"], eval_cfg.batch_size)
     evaluated = [c for c in categories if c in spec.manifest["counts"]]
     if not evaluated:

@@ -6,7 +6,10 @@ measures exactly these (not a copy of them).
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import mlflow
 import ray.train
@@ -39,6 +42,28 @@ def deepspeed_config(cfg: ExperimentConfig, lr: float, stage: int, steps: int, z
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+@contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside, every ``torch.load`` of this process refuses pickled code, DeepSpeed's own included (it
+    asks for ``weights_only=False``): PyTorch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, with the three plain
+    data classes DeepSpeed's checkpoints hold allowed (loss scaler, ZeRO stage, fragment address)."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
 def initialize(model, cfg: ExperimentConfig, lr: float, stage: int, steps: int, zero_extra: dict | None = None):

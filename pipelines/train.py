@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import tempfile
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
@@ -66,6 +64,8 @@ def preflight(cfg: ExperimentConfig) -> DataSpec:
         raise ValueError(f"{cfg.data.path}: category {empty[0]} has no training images")
     out = Path(cfg.output_dir)
     saved = out / RESOLVED_CONFIG
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {out} is a file; choose a folder for this run")
     if saved.is_file():
         if saved.read_text() != _config_text(cfg):
             raise FileExistsError(f"{out} holds another run (its {RESOLVED_CONFIG} differs); "
@@ -167,7 +167,7 @@ def train_worker(config: dict) -> None:
     model.set_stage("denoiser")
     engine = stage.initialize(model, cfg, cfg.train.lr, cfg.train.zero.stage, cfg.train.steps)
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
+        with checkpoint.as_directory() as directory, stage.weights_only_loads():
             engine.load_checkpoint(directory, tag="ds")
 
     def validation_batches():
@@ -272,15 +272,16 @@ def _report_validation(step: int, result: dict, run: dict | None = None) -> None
 
 
 def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int) -> dict:
-    """Full fp32 weights from a DeepSpeed checkpoint, whatever the ZeRO stage it was saved with."""
+    """Full fp32 weights from a DeepSpeed checkpoint, whatever the ZeRO stage it was saved with; no
+    load can run code planted in the checkpoint (:func:`pipelines.stage.weights_only_loads`)."""
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if zero_stage == 0:
-        states = torch.load(checkpoint_dir / "ds" / "mp_rank_00_model_states.pt", map_location="cpu",
-                            weights_only=False)
-        return states["module"]
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="ds")
+    with stage.weights_only_loads():
+        if zero_stage == 0:
+            return torch.load(checkpoint_dir / "ds" / "mp_rank_00_model_states.pt", map_location="cpu",
+                              weights_only=True)["module"]
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="ds")
 
 
 def export_model(cfg: ExperimentConfig, categories: list[str], checkpoint_dir: Path, out: Path) -> dict:
@@ -296,11 +297,7 @@ def export_model(cfg: ExperimentConfig, categories: list[str], checkpoint_dir: P
     metadata = {"categories": categories, "threshold": state["threshold"], "score_range": state["score_range"],
                 "step": state["step"], SELECTION_METRIC: state[SELECTION_METRIC],
                 "val_pixel_auroc": state["val_pixel_auroc"], "experiment": cfg.name}
-    staging = Path(tempfile.mkdtemp(prefix=".model.", dir=out.parent))
-    model.save(staging, metadata=metadata)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+    model.save(out, metadata=metadata)  # atomic: the previous model stays whole until the new one is in
     return metadata
 
 
@@ -313,10 +310,10 @@ def run(cfg: ExperimentConfig, address: str | None = None) -> dict:
     spec = preflight(cfg)
     categories = spec.categories
     out = Path(cfg.output_dir).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / RESOLVED_CONFIG)
     runtime.start_ray(address)
     check_resources(cfg, spec)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / RESOLVED_CONFIG)  # only now: a refused start must not pin its config on the folder
 
     gradient_free = not getattr(model_class(cfg.model.method), "trained_by_gradient", True)
     # A memory bank wants each training image once: category balancing would only repeat rows.

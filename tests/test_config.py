@@ -55,3 +55,34 @@ def test_compose_refuses_an_unknown_part(tmp_path):
     path.write_text("compose: {model: nonexistent}\n")
     with pytest.raises(FileNotFoundError, match="nonexistent.yaml: config file not found"):
         compose(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps=0", "train.steps must be an integer >= 1, got 0"),
+    ("train.steps=-1", "train.steps must be an integer >= 1"),
+    ("train.checkpoint_every=0", "train.checkpoint_every must be"),
+    ("train.log_every=0", "train.log_every must be"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints must be"),
+    ("train.lr=nan", "train.lr must be a positive finite number, got nan"),
+    ("train.vae_lr=inf", "train.vae_lr must be a positive finite number"),
+    ("model.image_size=30", "model.image_size must be a multiple of 16"),
+    ("model.image_size=-64", r"model.image_size must be an integer in \[16, 8192\]"),
+    ("model.method=dinomaly", "model.method must be one of diad, dpdiff, knn, proad, got 'dinomaly'"),
+    ("evaluate.batch_size=0", "evaluate.batch_size must be"),
+])
+def test_values_the_jobs_would_fail_on_inside_ray_are_refused_when_the_config_is_read(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(CONF_DIR / "experiment" / "demo.yaml", [override])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("compose: [data, model]\n", "compose must map sections to preset names"),
+    ('name: !!python/object/apply:os.system ["touch PWNED"]\n', "not valid YAML at line 1.*python/object"),
+    ("name: [unclosed\n", "not valid YAML at line 2"),
+])
+def test_a_broken_experiment_file_is_one_line_naming_it(tmp_path, text, message):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"broken.yaml: {message}"):
+        load_config(path)
+    assert not (tmp_path / "PWNED").exists()

@@ -11,6 +11,7 @@ from PIL import Image
 from anomdiff.data.convert import LayoutError, convert
 from anomdiff.data.images import BadSampleError, decode_mask, decode_rgb
 from anomdiff.data.manifest import read_manifest, summary, verify
+from anomdiff.data.writer import OutputExistsError
 
 
 def rows(out):
@@ -137,5 +138,5 @@ def test_skip_bad_lists_every_rejected_sample_with_its_reason(tmp_path):
 
 def test_output_inside_the_source_is_refused(tmp_path):
     src = mvtec_tree(tmp_path / "mvtec", categories=("bottle",))
-    with pytest.raises(LayoutError, match="never write into the source"):
+    with pytest.raises(OutputExistsError, match="inside the source folder"):
         convert(src, src / "converted", "mvtec")

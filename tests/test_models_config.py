@@ -5,9 +5,18 @@ from anomdiff.models.params import count_parameters
 
 
 def test_every_preset_loads():
-    assert {"tiny", "small", "sd15"} <= set(preset_names())
-    for name in preset_names():
+    assert {"tiny", "small", "sd15", "proad_dinov2"} <= set(preset_names())
+    for name in ("tiny", "small", "sd15"):
         assert load_preset(name).method == "diad"
+    paper = load_preset("proad_dinov2")
+    assert paper.method == "proad" and paper.backbone.name.startswith("vit_base_patch14_reg4_dinov2")
+    assert paper.backbone.pretrained == "hub" and paper.backbone.img_size == paper.image_size
+
+
+def test_the_paper_size_proad_counts_its_expanded_prototypes():
+    counts = count_parameters("proad_dinov2")
+    assert counts["prototypes"] == 256 * 768 and counts["unet"] == counts["sg"] == counts["vae"] == 0
+    assert counts["total"] == counts["prototypes"] + counts["decoder"]
 
 
 def test_the_knn_floor_counts_no_trained_parameters_and_bounds_its_bank():

@@ -244,7 +244,7 @@ def test_image_size_must_fit_the_models_downsampling():
 
 
 def test_unknown_method_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown model method 'nope'"):
+    with pytest.raises(ValueError, match="model.method must be one of .*, got 'nope'"):
         build_model(tiny_cfg({"method": "nope"}), 2)
 
 

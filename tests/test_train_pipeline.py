@@ -80,6 +80,12 @@ def test_more_workers_than_the_cluster_can_place_is_refused(dataset, tmp_path, m
     spec = train.preflight(cfg)
     with pytest.raises(ValueError, match="train.num_workers=8 needs 4 CPU but the cluster has 2"):
         train.check_resources(cfg, spec)
+    monkeypatch.setattr(train.runtime, "start_ray", lambda address=None: None)
+    with pytest.raises(ValueError, match="needs 4 CPU"):
+        train.run(cfg)
+    # The refused start leaves no config behind, so the corrected command is not "another run".
+    assert not (tmp_path / "run" / train.RESOLVED_CONFIG).exists()
+    train.preflight(tiny_config(dataset, tmp_path / "run", "train.num_workers=1"))
 
 
 def test_a_training_cache_the_object_store_cannot_hold_is_refused(dataset, tmp_path, monkeypatch):
@@ -136,3 +142,25 @@ def test_pretrained_weights_out_of_reach_stop_the_run_before_ray_with_the_keys_t
     assert "model.backbone.pretrained" in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(ValueError, match="has no unet/config.json or vae/config.json"):
         train.preflight(tiny_config(dataset, tmp_path / "run", f"model.pretrained={tmp_path}"))
+
+
+@pytest.mark.slow
+def test_proad_trains_its_one_stage_with_only_the_method_changed_and_evaluates(local_ray, dataset, tmp_path):
+    """The demo experiment with ``model.method=proad`` and nothing else of Pro-AD's: one stage (no
+    autoencoder steps although the experiment asks for some), exported, evaluated label-free."""
+    from anomdiff.models import load_model
+    from pipelines import evaluate, train
+
+    cfg = tiny_config(dataset, tmp_path / "run", "model.method=proad", "train.num_workers=2")
+    metadata = train.run(cfg)
+    model = load_model(tmp_path / "run" / "model")
+    assert model.method == "proad" and model.stages == ("denoiser",)
+    assert metadata["step"] == cfg.train.steps and 0.0 <= metadata["val_image_auroc"] <= 1.0
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
+    parent = client.get_run((tmp_path / "run" / "mlflow_run_id").read_text().strip())
+    stages = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(run.info.run_name for run in stages) == ["denoiser"]
+    doc = evaluate.evaluate(str(tmp_path / "run" / "model"), str(dataset), str(tmp_path / "report"))
+    assert doc["protocol"] == "label_free" and doc["num_images"] == 12

@@ -1,4 +1,4 @@
-"""Converters from the public dataset layouts to anomdiff's sharded parquet (DESIGN.md, "Data").
+"""Converters from the public dataset layouts to anomdiff's sharded parquet (README, "Data").
 
 Each ``scan_<format>`` reads one layout exactly and lists :class:`SourceSample` entries without
 opening any image; :func:`convert` then loads, checks, resizes and encodes them on all cores and
@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from anomdiff.data.images import BadSampleError, encode_png, load_mask, load_rgb, resize_pair
 from anomdiff.data.schema import NORMAL_DEFECT, REJECTED_NAME, Record
-from anomdiff.data.writer import DatasetWriter
+from anomdiff.data.writer import DatasetWriter, check_output
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 FORMATS = ("mvtec", "visa", "realiad", "folder")
@@ -50,7 +50,9 @@ class SourceSample:
 def _images_in(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # Hidden files (macOS ``._*`` resource forks, editors' temporaries) are not images of the dataset.
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -92,6 +94,9 @@ def scan_visa(src: Path, **_) -> list[SourceSample]:
         if missing:
             raise LayoutError(f"{table}: missing columns {sorted(missing)}")
         for line, row in enumerate(reader, start=2):
+            if None in row.values() or None in row:
+                raise LayoutError(f"{table}:{line}: expected {len(reader.fieldnames)} fields, got a row of "
+                                  f"{sum(v is not None for v in row.values()) + len(row.get(None) or [])}")
             split, label_name = row["split"].strip(), row["label"].strip()
             if split not in ("train", "test") or label_name not in ("normal", "anomaly"):
                 raise LayoutError(f"{table}:{line}: split {split!r} / label {label_name!r} not understood")
@@ -138,15 +143,20 @@ def scan_realiad(src: Path, image_size: int = 256, json_dir: str | Path | None =
             meta = json.loads(file.read_text())
         except json.JSONDecodeError as exc:
             raise LayoutError(f"{file}: not valid JSON ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise LayoutError(f"{file}: expected an object with train and test lists, got {type(meta).__name__}")
         category = file.stem
         image_root = _realiad_image_root(src, category, image_size)
         for split in ("train", "test"):
-            for k, entry in enumerate(meta.get(split, [])):
+            entries = meta.get(split, [])
+            if not isinstance(entries, list):
+                raise LayoutError(f"{file}: {split} must be a list, got {type(entries).__name__}")
+            for k, entry in enumerate(entries):
                 try:
                     label = int(entry["anomaly_class"] != "OK")
-                    image_path = entry["image_path"]
+                    image_path = str(entry["image_path"])
                     mask_path = entry.get("mask_path") if label else None
-                except (KeyError, TypeError) as exc:
+                except (KeyError, TypeError, AttributeError) as exc:
                     raise LayoutError(f"{file}: {split}[{k}] lacks {exc}") from exc
                 view = _VIEW.search(Path(image_path).name)
                 samples.append(SourceSample(
@@ -199,6 +209,8 @@ def load_record(sample: SourceSample, image_size: int) -> Record:
             where = sample.mask_path or "no mask path given"
             raise BadSampleError(sample.image_path, f"anomalous sample without a mask ({where})")
         mask = load_mask(sample.mask_path)
+        if not mask.getbbox():
+            raise BadSampleError(sample.mask_path, f"the mask of anomalous image {sample.image_path.name} is empty")
         if mask.size != image.size:
             raise BadSampleError(sample.mask_path, f"mask is {mask.size[0]}x{mask.size[1]} but its image "
                                                    f"{sample.image_path.name} is {image.size[0]}x{image.size[1]}")
@@ -230,11 +242,6 @@ def parallel_map(fn: Callable, jobs: Iterable, total: int, workers: int, desc: s
     bar.close()
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
 def convert(src: str | Path, out: str | Path, fmt: str, image_size: int = 256, skip_bad: bool = False,
             shard_mb: float = 128, overwrite: bool = False, workers: int | None = None,
             json_dir: str | None = None) -> dict:
@@ -244,13 +251,13 @@ def convert(src: str | Path, out: str | Path, fmt: str, image_size: int = 256, s
         raise LayoutError(f"unknown format {fmt!r}; choose from {FORMATS}")
     if not src.is_dir():
         raise LayoutError(f"{src}: source folder does not exist")
-    if _inside(out, src):
-        raise LayoutError(f"{out} is inside the source {src}; converters never write into the source")
+    check_output(out, overwrite, sources=(src,))
     samples = SCANNERS[fmt](src, image_size=image_size, json_dir=json_dir)
     rejected: list[dict] = []
+    samples = _confined(samples, src, skip_bad, rejected)
     samples = _drop_categories_without_training(samples, skip_bad, rejected)
     workers = workers or os.cpu_count() or 1
-    with DatasetWriter(out, image_size, shard_mb, overwrite, extra={"source_format": fmt}) as writer:
+    with DatasetWriter(out, image_size, shard_mb, overwrite, extra={"source_format": fmt}, sources=(src,)) as writer:
         jobs = ((s, image_size) for s in samples)
         for sample, result in zip(samples, parallel_map(_load_or_error, jobs, len(samples), workers,
                                                         f"convert {fmt}"), strict=True):
@@ -265,6 +272,23 @@ def convert(src: str | Path, out: str | Path, fmt: str, image_size: int = 256, s
             with open(writer.tmp / REJECTED_NAME, "w") as f:
                 f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rejected)
     return writer.manifest
+
+
+def _confined(samples: list[SourceSample], src: Path, skip_bad: bool, rejected: list[dict]) -> list[SourceSample]:
+    """The samples whose image and mask resolve inside ``src``: a symlink or a path in a VisA CSV or
+    Real-IAD JSON that leads elsewhere is refused (rejected with ``skip_bad``)."""
+    root, kept = src.resolve(), []
+    for sample in samples:
+        outside = next((p for p in (sample.image_path, sample.mask_path)
+                        if p is not None and not p.resolve().is_relative_to(root)), None)
+        if outside is None:
+            kept.append(sample)
+            continue
+        error = BadSampleError(outside, f"resolves to {outside.resolve()}, outside the source folder {src}")
+        if not skip_bad:
+            raise error
+        rejected.append({"sample_id": sample.sample_id, "path": error.path, "reason": error.reason})
+    return kept
 
 
 def _drop_categories_without_training(samples: list[SourceSample], skip_bad: bool,

@@ -21,29 +21,47 @@ class BadSampleError(ValueError):
         return type(self), (self.path, self.reason)
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file fully (truncated files fail here, not later) and convert it to RGB."""
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+_LABEL_IDS = 32  # a lossless mask with at most this many values, all below half range, holds class ids
+
+
+def _open(path: str | Path, what: str) -> Image.Image:
+    """Open and fully decode (truncated files fail here, not later), with errors that name the file."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im.convert("RGB")
+            return im.copy()
     except FileNotFoundError as exc:
-        raise BadSampleError(path, "file not found") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise BadSampleError(path, f"unreadable or truncated image ({exc})") from exc
+        raise BadSampleError(path, f"{what} file not found") from exc
+    except Image.DecompressionBombError as exc:
+        raise BadSampleError(path, f"{what} too large to decode safely ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise BadSampleError(path, f"unreadable or truncated {what} ({exc})") from exc
+
+
+def _eight_bit_gray(im: Image.Image) -> np.ndarray:
+    """A single-channel image as uint8: 16-bit values scaled down (a plain conversion clips them to white)."""
+    if im.mode in _SIXTEEN_BIT:
+        values = np.asarray(im).astype(np.float64)
+        return np.round(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
+    return np.asarray(im.convert("L"))
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image file fully and convert it to 8-bit RGB (16-bit grayscale scaled, not clipped)."""
+    im = _open(path, "image")
+    if im.mode in _SIXTEEN_BIT:
+        return Image.fromarray(_eight_bit_gray(im), mode="L").convert("RGB")
+    return im.convert("RGB")
 
 
 def load_mask(path: str | Path) -> Image.Image:
-    """Open a mask and binarise it: any non-zero pixel is anomalous (VisA stores class ids, not 255)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            values = np.asarray(im.convert("L"))
-    except FileNotFoundError as exc:
-        raise BadSampleError(path, "mask file not found") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise BadSampleError(path, f"unreadable or truncated mask ({exc})") from exc
-    return Image.fromarray(np.where(values > 0, 255, 0).astype(np.uint8), mode="L")
+    """Open a mask and binarise it at half range (lossy JPEG masks blur their edges), except a lossless
+    mask of a few small values, which holds class ids (VisA): any non-zero id is anomalous."""
+    values = _eight_bit_gray(_open(path, "mask"))
+    distinct = np.unique(values)
+    ids = values.max() < 128 and len(distinct) <= _LABEL_IDS
+    return Image.fromarray(np.where(values > 0 if ids else values >= 128, 255, 0).astype(np.uint8), mode="L")
 
 
 def resize_pair(image: Image.Image, mask: Image.Image | None, size: int) -> tuple[Image.Image, Image.Image | None]:

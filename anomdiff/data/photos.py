@@ -23,9 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import shutil
-import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +34,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from anomdiff.atomic import write_json_atomic
+from anomdiff.atomic import replace_directory, staging_directory, write_json_atomic
 from anomdiff.data.schema import NORMAL_DEFECT
 from anomdiff.data.writer import OutputExistsError
 
@@ -405,8 +403,7 @@ def make_photo_benchmark(out: str | Path, categories: list[str] | tuple[str, ...
         if not is_photo_benchmark(out):
             raise OutputExistsError(f"{out} was not written by make_photo_benchmark (no {MARKER} or foreign "
                                     "files in it); refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = staging_directory(out)
     try:
         counts = {c: _write_category(tmp, c, seed, image_size, train_per_category, test_per_category)
                   for c in categories}
@@ -416,17 +413,7 @@ def make_photo_benchmark(out: str | Path, categories: list[str] | tuple[str, ...
                     "test_per_category": test_per_category, "defect_kinds": list(DEFECT_KINDS),
                     "reserved": list(RESERVED)}
         write_json_atomic(tmp / MARKER, settings)
-        if out.exists():
-            retired = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, retired)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(retired, out)
-                raise
-            shutil.rmtree(retired)
-        else:
-            os.replace(tmp, out)
+        replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

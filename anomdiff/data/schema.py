@@ -1,18 +1,21 @@
-"""The Arrow schema of a converted dataset and the layout of its folder (DESIGN.md, "Data").
+"""The Arrow schema of a converted dataset and the layout of its folder (README, "Data").
 
 A dataset is hive-partitioned parquet, ``DATA/category=<name>/split=<train|test>/part-<k>.parquet``,
-plus ``DATA/manifest.json``. Every shard also carries ``category`` and ``split`` as columns, so a
-shard read alone still knows what it holds and no reader has to infer partition types from paths.
+plus ``DATA/_manifest.json`` (a name parquet readers skip, so pyarrow, pandas and DuckDB read the
+folder as a dataset; datasets written before are read from ``manifest.json``). Every shard also
+carries ``category`` and ``split`` as columns, so a shard read alone still knows what it holds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 
 SCHEMA_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = "_manifest.json"
+LEGACY_MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.jsonl"
 SPLITS = ("train", "test")
 NORMAL_DEFECT = "good"
@@ -73,3 +76,12 @@ def partition_dir(category: str, split: str) -> str:
 def records_to_table(records: list[Record]) -> pa.Table:
     columns = {field.name: [getattr(r, field.name) for r in records] for field in SCHEMA}
     return pa.Table.from_pydict(columns, schema=SCHEMA)
+
+
+def manifest_path(root: str | Path) -> Path | None:
+    """The manifest of the dataset folder ``root`` (the current name first, then the older one), or
+    ``None`` when it has neither: then ``root`` is not a dataset."""
+    for name in (MANIFEST_NAME, LEGACY_MANIFEST_NAME):
+        if (Path(root) / name).is_file():
+            return Path(root) / name
+    return None

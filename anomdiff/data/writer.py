@@ -1,26 +1,33 @@
 """Sharded, hive-partitioned parquet writer with a checksummed manifest, written atomically.
 
-Rows go to ``<tmp>/category=<c>/split=<s>/part-<k>.parquet``; a partition's buffer becomes a
-shard once it holds ``shard_mb`` of encoded images. ``close()`` writes ``manifest.json`` and only
-then renames the temporary folder onto the destination, so a failed run leaves nothing
-half-written, and an existing dataset is replaced only with ``overwrite=True`` and only after the
-new one is complete.
+Rows go to ``<staging>/category=<c>/split=<s>/part-<k>.parquet``; a partition's buffer becomes a
+shard once it holds ``shard_mb`` of encoded images. ``close()`` writes ``_manifest.json`` and only
+then renames the staging folder onto the destination (``anomdiff.atomic``), so a failed run leaves
+nothing half-written and a killed one leaves a temporary the next run removes. An existing folder
+is replaced only with ``overwrite=True``, only if it holds a dataset, never if it is or holds one of
+the ``sources`` being read, and only after the new dataset is complete.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from anomdiff.atomic import write_json_atomic
-from anomdiff.data.schema import MANIFEST_NAME, SCHEMA_VERSION, SPLITS, Record, partition_dir, records_to_table
+from anomdiff.atomic import replace_directory, staging_directory, write_json_atomic
+from anomdiff.data.schema import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    SPLITS,
+    Record,
+    manifest_path,
+    partition_dir,
+    records_to_table,
+)
 
 _CATEGORY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -37,21 +44,38 @@ class OutputExistsError(FileExistsError):
     pass
 
 
+def check_output(out: Path, overwrite: bool, sources: tuple[Path, ...] = ()) -> None:
+    """Refuse an output folder that would lose data: one that is, holds or lies inside a source being
+    read, or an existing one without ``overwrite`` or that is not a dataset (no manifest)."""
+    target = out.resolve()
+    for source in sources:
+        source = Path(source).resolve()
+        if target == source or source.is_relative_to(target):
+            raise OutputExistsError(f"{out} is the source folder {source} or holds it; write the dataset elsewhere")
+        if target.is_relative_to(source):
+            raise OutputExistsError(f"{out} is inside the source folder {source}, which is only ever read; "
+                                    "write the dataset elsewhere")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+        if not out.is_dir() or manifest_path(out) is None:
+            raise OutputExistsError(f"{out} is not an anomdiff dataset (no {MANIFEST_NAME}); --overwrite replaces "
+                                    "only a dataset folder")
+
+
 class DatasetWriter:
     """Collects :class:`Record` rows and writes the dataset; use as a context manager."""
 
     def __init__(self, out: str | Path, image_size: int, shard_mb: float = 128, overwrite: bool = False,
-                 extra: dict | None = None):
+                 extra: dict | None = None, sources: tuple[Path, ...] = ()):
         self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise OutputExistsError(f"{self.out} already exists; pass --overwrite to replace it")
-        if shard_mb <= 0:
-            raise ValueError(f"shard size must be positive, got {shard_mb} MB")
+        check_output(self.out, overwrite, sources)
+        if not 0 < shard_mb < float("inf"):
+            raise ValueError(f"shard size must be a positive number of MB, got {shard_mb}")
         self.image_size = image_size
         self.shard_bytes = int(shard_mb * 1024 * 1024)
         self.extra = extra or {}
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent))
+        self.tmp = staging_directory(self.out)
         self._buffers: dict[tuple[str, str], list[Record]] = defaultdict(list)
         self._buffered_bytes: dict[tuple[str, str], int] = defaultdict(int)
         self._next_part: dict[tuple[str, str], int] = defaultdict(int)
@@ -93,6 +117,10 @@ class DatasetWriter:
 
     def close(self) -> dict:
         """Flush every partition, write the manifest, and move the dataset into place."""
+        untrained = sorted(c for c, counts in self._counts.items() if not counts["train"]["normal"])
+        if untrained:
+            raise ValueError(f"{self.out}: category {untrained[0]} would have no training images"
+                             + (f" (nor would {', '.join(untrained[1:])})" if len(untrained) > 1 else ""))
         for key in list(self._buffers):
             self._flush(key)
         manifest = {
@@ -105,13 +133,7 @@ class DatasetWriter:
         }
         write_json_atomic(self.tmp / MANIFEST_NAME, manifest)
         self.manifest = manifest
-        if self.out.exists():
-            retired = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            os.replace(self.out, retired)
-            os.replace(self.tmp, self.out)
-            shutil.rmtree(retired)
-        else:
-            os.replace(self.tmp, self.out)
+        replace_directory(self.tmp, self.out)
         return manifest
 
     def abort(self) -> None:

@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "diad": "anomdiff.models.diad:DiADModel",
     "dpdiff": "anomdiff.models.dpdiff:DPDiffModel",
     "knn": "anomdiff.models.knn:KNNModel",
+    "proad": "anomdiff.models.proad:ProADModel",
 }
 
 

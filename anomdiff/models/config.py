@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from anomdiff.sections import Section
+from anomdiff.sections import Section, require_at_least
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 CONDITIONING = ("label_free", "category_aware")
@@ -92,6 +92,11 @@ class BackboneConfig(Section):
     pretrained: str | None = None
     img_size: int | None = None
 
+    def __post_init__(self):
+        if ":" in self.name:  # timm resolves "hf-hub:..." names on the network, even for random weights
+            raise ValueError(f"model.backbone.name must be a timm architecture such as resnet18, got "
+                             f"{self.name!r}; weights come from model.backbone.pretrained (hub or a file)")
+
 
 @dataclass
 class DiffusionConfig(Section):
@@ -160,9 +165,7 @@ class PrototypeConfig(Section):
     lambda_local: float = 0.25
 
     def __post_init__(self):
-        for name in ("dim", "num_local", "num_global", "top_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.prototypes.{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least("model.prototypes", self, ("dim", "num_local", "num_global", "top_k"))
         if self.top_k > self.num_local:
             raise ValueError(f"model.prototypes.top_k ({self.top_k}) exceeds num_local ({self.num_local})")
         for name in ("temperature", "ot_entropy"):
@@ -193,14 +196,52 @@ class KNNConfig(Section):
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("neighbourhood", "dim", "max_per_category", "projection_dim", "chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.knn.{name} must be >= 1, got {getattr(self, name)}")
+        require_at_least("model.knn", self, ("neighbourhood", "dim", "max_per_category", "projection_dim", "chunk"))
         if self.neighbourhood % 2 == 0:
             raise ValueError(f"model.knn.neighbourhood must be odd (a window centred on its patch), "
                              f"got {self.neighbourhood}")
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ValueError(f"model.knn.coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+
+
+@dataclass
+class ProADConfig(Section):
+    """Pro-AD (``method: proad``; ``anomdiff/models/proad.py``). ``layers``: encoder feature indices
+    (null: ``backbone.layers``), each a target level; ``dim``-wide tokens on the finest level's grid;
+    ``num_prototypes`` expanded prototypes; ``decoder_layers`` bidirectional blocks of ``heads``
+    heads. Ablations: ``bidirectional: false`` keeps the prototypes static (a one-way decoder),
+    ``constraint: false`` adds the residual path around the prototype reconstruction (also at
+    inference, on the same weights). Loss: hard-mined cosine (the easiest ``easy_fraction`` of the
+    points at ``easy_weight``, the rest at full weight; Dinomaly: 0.9 and 0.1) + ``coherence_weight``
+    x coherence; bottleneck ``dropout``; image score: mean of the top ``top_fraction`` of the map."""
+
+    layers: list[int] | None = None
+    dim: int = 768
+    num_prototypes: int = 256
+    decoder_layers: int = 8
+    heads: int = 12
+    bidirectional: bool = True
+    constraint: bool = True
+    dropout: float = 0.2
+    easy_fraction: float = 0.9
+    easy_weight: float = 0.1
+    coherence_weight: float = 0.2
+    top_fraction: float = 0.01
+
+    def __post_init__(self):
+        require_at_least("model.proad", self, ("dim", "num_prototypes", "decoder_layers", "heads"))
+        if self.dim % self.heads:
+            raise ValueError(f"model.proad.dim ({self.dim}) must be a multiple of model.proad.heads ({self.heads})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.proad.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.easy_weight <= 1.0:
+            raise ValueError(f"model.proad.easy_weight must be in [0, 1], got {self.easy_weight}")
+        if self.coherence_weight < 0:
+            raise ValueError(f"model.proad.coherence_weight must be >= 0, got {self.coherence_weight}")
+        if not 0.0 <= self.easy_fraction < 1.0:
+            raise ValueError(f"model.proad.easy_fraction must be in [0, 1), got {self.easy_fraction}")
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise ValueError(f"model.proad.top_fraction must be in (0, 1], got {self.top_fraction}")
 
 
 @dataclass
@@ -231,13 +272,25 @@ class ModelConfig(Section):
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
+    proad: ProADConfig = field(default_factory=ProADConfig)
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
         """Raise ``ValueError`` for combinations the model cannot be built from."""
+        from anomdiff.models import METHODS, model_class  # the registry imports this module
+
         u, v, g = self.unet, self.vae, self.sg
+        if self.method not in METHODS:
+            raise ValueError(f"model.method must be one of {', '.join(sorted(METHODS))}, got {self.method!r}")
+        kind = model_class(self.method)
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) \
+                or not 16 <= self.image_size <= 8192:
+            raise ValueError(f"model.image_size must be an integer in [16, 8192], got {self.image_size!r}")
+        if "vae" in kind.stages and self.image_size % self.downsampling:
+            raise ValueError(f"model.image_size must be a multiple of {self.downsampling} (the autoencoder's and "
+                             f"UNet's downsampling), got {self.image_size}")
         if not (len(u.block_out_channels) == len(u.down_block_types) == len(u.up_block_types)):
             raise ValueError(
                 "model.unet: block_out_channels, down_block_types and up_block_types need the same length, "

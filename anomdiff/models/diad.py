@@ -289,7 +289,7 @@ class DiADModel(nn.Module):
         build_cfg = ModelConfig.from_dict({"pretrained": None, "backbone": {"pretrained": None}}, base=cfg)
         with init_empty_weights():
             model = cls(build_cfg, info["num_categories"])
-        state = load_weights(directory, device)
+        state = load_weights(directory, device, expected=model.state_dict())
         model.load_state_dict(state, strict=True, assign=True)
         model.cfg, model.metadata = cfg, info.get("metadata", {})
         model.set_stage("denoiser")

@@ -179,7 +179,7 @@ class KNNModel(nn.Module):
         info = read_saved_config(directory)
         cfg = ModelConfig.from_dict(info["config"])
         model = cls(ModelConfig.from_dict({"backbone": {"pretrained": None}}, base=cfg), info["num_categories"])
-        state = load_weights(directory, device)
+        state = load_weights(directory, device, expected=model.state_dict(), resizable=("memory", "memory_category"))
         model.memory = torch.empty_like(state["memory"])
         model.memory_category = torch.empty_like(state["memory_category"])
         model.load_state_dict(state, strict=True)

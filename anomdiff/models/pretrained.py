@@ -96,7 +96,7 @@ def pretrained_problems(cfg, diffusion: bool = True) -> list[str]:
         repo = timm.models.get_pretrained_cfg(backbone.name).hf_hub_id
         why = _hub_problem(repo, "config.json") if repo else "timm names no Hub weights for it"
         if why:
-            problems.append(f"model.backbone.pretrained: cannot get the ImageNet weights of {backbone.name} ({repo}; "
+            problems.append(f"model.backbone.pretrained: cannot get the pretrained weights of {backbone.name} ({repo}; "
                             f"{why}). Download {repo}'s model.safetensors "
                             "elsewhere and pass model.backbone.pretrained=FILE (or null for random weights)")
     elif backbone.pretrained and not Path(backbone.pretrained).expanduser().is_file():

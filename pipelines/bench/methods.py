@@ -1,6 +1,7 @@
 """The optional ``methods`` section: every method trained and evaluated at the demo's budget, under
 the default (label-free) protocol, on the demo's synthetic dataset and on the real-photograph
-benchmark (minutes each; run only when named in ``--sections``)."""
+benchmark; and ``proad_ablation``: Pro-AD with each of its three ideas taken away in turn, at the
+same budget (minutes per row; run only when named in ``--sections``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ import numpy as np
 from anomdiff.config import load_config
 from pipelines.bench.measure import ratio, torch_threads
 
-METHODS = ("knn", "diad", "dpdiff")
+METHODS = ("knn", "diad", "dpdiff", "proad")
+PROAD_ABLATION = {  # row -> the overrides that make it (Pro-AD's ideas 3, 2 and 1 taken away in turn)
+    "proad": ("model.method=proad",),
+    "proad_no_constraint": ("model.method=proad", "model.proad.constraint=false"),
+    "proad_one_way": ("model.method=proad", "model.proad.bidirectional=false"),
+    "proad_few_prototypes": ("model.method=proad", "model.proad.num_prototypes=6"),  # INP-Former's count
+}
 DATASETS = ("synthetic", "photos")
 SCORED_IMAGES = 32
 
