@@ -9,6 +9,8 @@ the permissions the umask allows (``tempfile`` alone would make them private to 
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import re
@@ -89,12 +91,33 @@ def staging_directory(dest: str | Path) -> Path:
     return path
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the C library
+    or the filesystem cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(error, os.strerror(error), str(b))
+
+
 def replace_directory(staging: Path, dest: str | Path) -> Path:
-    """Move the complete folder ``staging`` onto ``dest``: fsynced, the old version set aside, the new
-    one renamed in, then the old one deleted. A crash between the renames leaves the old version
-    aside, and :func:`remove_leftovers` (every staging call) puts it back."""
+    """Move the complete folder ``staging`` onto ``dest``, fsynced. An existing folder is swapped
+    with the new one in one step where Linux allows (so a reader finds the old version or the new
+    one, never neither), then deleted; elsewhere it is set aside, the new one renamed in and the old
+    one deleted, and a crash between those renames leaves the old version aside for
+    :func:`remove_leftovers` (every staging call) to put back."""
     dest = Path(dest)
     fsync_tree(staging)
+    if dest.is_dir() and not dest.is_symlink() and _exchange(staging, dest):
+        fsync_path(dest.parent)
+        shutil.rmtree(staging)  # the old version now
+        return dest
     if dest.exists() or dest.is_symlink():
         retired = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.replace(dest, retired)
@@ -129,9 +152,11 @@ def atomic_directory(dest: str | Path) -> Iterator[Path]:
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and replaces ``path`` in one rename."""
+    """Yield a temporary path beside ``path`` (crashed writers' leftovers removed first); on success it
+    is fsynced and replaces ``path`` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     tmp_path = Path(tmp)

@@ -116,6 +116,7 @@ def evaluate(model_dir: str, data_path: str, out_dir: str | None = None, overrid
     if "conditioning" in model_overrides or "method" in model_overrides:
         raise ValueError("model.conditioning and model.method are fixed when a model is trained; "
                          "evaluate takes inference keys of model.* only")
+    tracking.check_server(tracking_cfg)
     # Loaded once here, before Ray: a damaged model or a bad override fails now, with one line, not
     # inside every scoring actor.
     ModelConfig.from_dict(model_overrides, base=load_model(model_dir).cfg)

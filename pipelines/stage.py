@@ -11,11 +11,11 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import mlflow
 import ray.train
 
 from anomdiff.config import ExperimentConfig
 from anomdiff.data.transforms import unit_range
+from pipelines import tracking
 
 
 def deepspeed_config(cfg: ExperimentConfig, lr: float, stage: int, steps: int, zero_extra: dict | None = None) -> dict:
@@ -111,9 +111,8 @@ def run_stage(engine, loss_fn, batches, start: int, steps: int, cfg: ExperimentC
             eta = time.strftime("%H:%M:%S", time.gmtime(seconds * (steps - step)))
             progress(f"[{label}] step {step}/{steps} loss {out['loss'].item():.4f} | {1 / seconds:.2f} steps/s "
                      f"{images_per_step / seconds:.1f} images/s | ETA {eta}")
-            if mlflow.active_run():
-                mlflow.log_metrics({"loss": out["loss"].item(), "steps_per_s": 1 / seconds,
-                                    "images_per_s": images_per_step / seconds}, step)
+            tracking.log_metrics({"loss": out["loss"].item(), "steps_per_s": 1 / seconds,
+                                  "images_per_s": images_per_step / seconds}, step)
             tick, done = time.perf_counter(), 0
         if on_step is not None:
             on_step(step)

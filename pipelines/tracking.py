@@ -10,6 +10,8 @@ to whoever logs into it later (Ray workers included): :func:`resume` reopens it 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +34,24 @@ def tracking_uri(configured: str | None = None) -> str:
     home = anomdiff_home()
     home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def check_server(cfg: TrackingConfig, timeout_s: float = 5.0) -> None:
+    """Refuse to start when the tracking store is an MLflow server that does not answer its
+    ``/health`` (one line naming the URI), instead of retrying for minutes once Ray has started."""
+    uri = tracking_uri(cfg.tracking_uri)
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as answer:
+            answer.read()
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ValueError(f"tracking.tracking_uri: the MLflow server at {uri} does not answer ({exc}); start it, "
+                         "or unset MLFLOW_TRACKING_URI and tracking.tracking_uri to log to SQLite under "
+                         "ANOMDIFF_HOME") from None
 
 
 def use_experiment(cfg: TrackingConfig) -> str:
@@ -75,13 +95,78 @@ def open_job_run(cfg: TrackingConfig, name: str, run_id_file: Path | None = None
     return RunRef(uri, active.info.experiment_id, active.info.run_id)
 
 
+# Why MLflow stopped answering this process (empty while it answers): from then on the job goes on
+# and logs nothing more; what was logged before stays in the store.
+_LOST: list[str] = []
+# A request to a server that has gone away is retried this often (MLflow's default, 7 with growing
+# waits, would stall training for minutes at the first failure); a user's own setting wins.
+RETRIES_WHILE_TRAINING = "2"
+
+
+def _lost(exc: Exception) -> None:
+    if not _LOST:
+        _LOST.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        print(f"[tracking] the MLflow store at {mlflow.get_tracking_uri()} stopped answering ({_LOST[0]}); the job "
+              "goes on and logs nothing more from this process", file=sys.stderr, flush=True)
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """``mlflow.log_metrics`` into the active run, unless the store has stopped answering: the first
+    failure is reported once, and the job goes on without logging."""
+    if _LOST or not mlflow.active_run():
+        return
+    try:
+        mlflow.log_metrics(metrics, step=step)
+    except Exception as exc:  # MlflowException, requests' errors: the store is out of reach
+        _lost(exc)
+
+
+def log_artifact(path: Path, folder: str | None = None) -> None:
+    """``mlflow.log_artifact`` as :func:`log_metrics` logs metrics: skipped once the store is gone."""
+    if _LOST or not mlflow.active_run():
+        return
+    try:
+        mlflow.log_artifact(str(path), folder)
+    except Exception as exc:
+        _lost(exc)
+
+
 @contextmanager
-def resume(ref: RunRef | dict):
-    """Reopen a job's run (in the driver or in a Ray worker) for the block."""
+def run_while_reachable(**start_run) -> Iterator[object | None]:
+    """``mlflow.start_run(**start_run)`` for the block, ended FINISHED or FAILED as the block ends; if
+    the store has stopped answering (before or meanwhile), the block runs all the same (``None``)."""
+    active = None
+    if not _LOST:
+        try:
+            active = mlflow.start_run(**start_run)
+        except Exception as exc:
+            _lost(exc)
+    status = "FINISHED"
+    try:
+        yield active
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        if active is not None:
+            try:
+                mlflow.end_run(status)
+            except Exception as exc:
+                _lost(exc)
+
+
+@contextmanager
+def resume(ref: RunRef | dict) -> Iterator[object | None]:
+    """Reopen a job's run (in the driver or in a Ray worker) for the block; a store that stops
+    answering stops the logging, not the job (:func:`run_while_reachable`)."""
     ref = RunRef(**ref) if isinstance(ref, dict) else ref
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", RETRIES_WHILE_TRAINING)
     mlflow.set_tracking_uri(ref.tracking_uri)
-    mlflow.set_experiment(experiment_id=ref.experiment_id)  # nested runs opened inside go there too
-    with mlflow.start_run(run_id=ref.run_id) as active:
+    try:
+        mlflow.set_experiment(experiment_id=ref.experiment_id)  # nested runs opened inside go there too
+    except Exception as exc:
+        _lost(exc)
+    with run_while_reachable(run_id=ref.run_id) as active:
         yield active
 
 

@@ -55,6 +55,7 @@ def preflight(cfg: ExperimentConfig) -> DataSpec:
         raise ValueError("data.path is not set: pass data.path=<a converted dataset>")
     if not cfg.output_dir:
         raise ValueError("output_dir is not set: pass output_dir=<folder for this run>")
+    tracking.check_server(cfg.tracking)
     weights = pretrained_problems(cfg.model, getattr(model_class(cfg.model.method), "loads_diffusion_weights", False))
     if weights:
         raise ValueError("; ".join(weights))
@@ -123,7 +124,7 @@ def _stage_run(name: str, enabled: bool):
     if not enabled:
         yield
         return
-    with mlflow.start_run(run_name=name, nested=True, log_system_metrics=True):
+    with tracking.run_while_reachable(run_name=name, nested=True, log_system_metrics=True):
         yield
 
 
@@ -169,6 +170,8 @@ def train_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory, stage.weights_only_loads():
             engine.load_checkpoint(directory, tag="ds")
+        if rank == 0:
+            stage.progress(f"[train] resumed from the step-{start_step} checkpoint")
 
     def validation_batches():
         return validation_shard.iter_torch_batches(batch_size=cfg.evaluate.batch_size, device=device)
@@ -262,10 +265,10 @@ def _report_validation(step: int, result: dict, run: dict | None = None) -> None
                    "pasted-defect copies")
     metrics = {k: v for k, v in result.items() if isinstance(v, int | float)}
     if mlflow.active_run():
-        mlflow.log_metrics(metrics, step)
+        tracking.log_metrics(metrics, step)
     elif run is not None:
         with tracking.resume(run):
-            mlflow.log_metrics(metrics, step)
+            tracking.log_metrics(metrics, step)
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -337,10 +340,11 @@ def run(cfg: ExperimentConfig, address: str | None = None) -> dict:
     best_checkpoint, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC])
     with best_checkpoint.as_directory() as directory:
         metadata = export_model(cfg, categories, Path(directory), out / "model")
-    with tracking.resume(run_ref):
-        mlflow.log_metrics({"best/" + SELECTION_METRIC: metadata[SELECTION_METRIC],
-                            "best/threshold": metadata["threshold"]})
-        mlflow.log_artifact(str(out / "model" / "config.json"), "model")
+    with tracking.resume(run_ref) as active:
+        tracking.log_metrics({"best/" + SELECTION_METRIC: metadata[SELECTION_METRIC],
+                              "best/threshold": metadata["threshold"]})
+        if active is not None:
+            tracking.log_artifact(out / "model" / "config.json", "model")
     print(f"exported the step-{metadata['step']} model ({SELECTION_METRIC} {metadata[SELECTION_METRIC]:.3f}) "
           f"to {out / 'model'}")
     return metadata

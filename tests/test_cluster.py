@@ -185,6 +185,76 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(environment, ray_head,
     assert set(steps) == {2, 4, 6}, "every checkpoint survives the failure and the run reaches its last step"
 
 
+def start_training(data: Path, out: Path, env: dict, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipelines.train", "--config", "conf/experiment/demo.yaml",
+         *train_overrides(data, out, "train.steps=6", "train.checkpoint_every=2",
+                          "train.keep_checkpoints=3", *extra)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def checkpoint_steps(out: Path) -> list[int]:
+    states = (out / "ray").glob("checkpoint_*/train_state.json")
+    return sorted(json.loads(state.read_text())["step"] for state in states)
+
+
+def registered_steps(out: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered (a folder can be written and not yet registered)."""
+    try:
+        snapshot = json.loads((out / "ray" / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return sorted(result["metrics"]["step"] for result in snapshot["checkpoint_results"])
+
+
+def test_a_killed_driver_is_resumed_by_the_same_command(environment, ray_head, dataset, tmp_path):
+    out = tmp_path / "run"
+    env = {**environment, "RAY_ADDRESS": ray_head["gcs"], "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    job = start_training(dataset, out, env)
+    try:
+        wait_for(lambda: registered_steps(out), 600, "the first registered checkpoint")
+        os.kill(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert not (out / "model").exists()
+    first = registered_steps(out)
+    again = start_training(dataset, out, env)
+    log, _ = again.communicate(timeout=900)
+    assert again.returncode == 0, log[-4000:]
+    assert json.loads((out / "model" / "config.json").read_text())["metadata"]["step"] in (2, 4, 6)
+    assert f"resumed from the step-{max(first)} checkpoint" in log, "the rerun continues, not from step 0"
+    assert registered_steps(out) == [2, 4, 6]  # no step trained twice
+
+
+def test_training_goes_on_when_the_mlflow_server_goes_away(environment, ray_head, dataset, tmp_path):
+    root, port = tmp_path / "mlflow", free_port()
+    server = subprocess.Popen(
+        [BIN / "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    out = tmp_path / "run"
+    try:
+        wait_for(lambda: _healthy(f"{url}/health"), 180, "mlflow server /health")
+        job = start_training(dataset, out, {**environment, "RAY_ADDRESS": ray_head["gcs"], "MLFLOW_TRACKING_URI": url},
+                             "tracking.experiment=server-goes-away")
+        wait_for(lambda: checkpoint_steps(out), 600, "the first checkpoint")
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+    log, _ = job.communicate(timeout=900)
+    assert job.returncode == 0, log[-4000:]
+    assert (out / "model" / "model.safetensors").is_file() and max(checkpoint_steps(out)) == 6
+    assert "stopped answering" in log
+    import sqlite3  # what was logged before the server went away is kept in its store
+
+    with sqlite3.connect(root / "mlflow.db") as db:
+        logged = db.execute("select count(*) from metrics where key = 'loss'").fetchone()[0]
+    assert logged >= 1
+
+
 WHICH_RAY = ("import sys, ray\nsys.path.insert(0, {repo!r})\nfrom pipelines import runtime\n"
              "{start}\nprint('GCS', ray.get_runtime_context().gcs_address)\nray.shutdown()\n")
 

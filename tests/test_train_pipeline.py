@@ -155,7 +155,7 @@ def test_proad_trains_its_one_stage_with_only_the_method_changed_and_evaluates(l
     metadata = train.run(cfg)
     model = load_model(tmp_path / "run" / "model")
     assert model.method == "proad" and model.stages == ("denoiser",)
-    assert metadata["step"] == cfg.train.steps and 0.0 <= metadata["val_image_auroc"] <= 1.0
+    assert metadata["step"] in (2, 4) and 0.0 <= metadata["val_image_auroc"] <= 1.0  # chosen on validation
     import mlflow
 
     client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
@@ -164,3 +164,16 @@ def test_proad_trains_its_one_stage_with_only_the_method_changed_and_evaluates(l
     assert sorted(run.info.run_name for run in stages) == ["denoiser"]
     doc = evaluate.evaluate(str(tmp_path / "run" / "model"), str(dataset), str(tmp_path / "report"))
     assert doc["protocol"] == "label_free" and doc["num_images"] == 12
+
+
+def test_an_mlflow_server_that_does_not_answer_stops_the_run_before_ray(dataset, tmp_path, monkeypatch):
+    import socket
+
+    from pipelines import train
+
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    with pytest.raises(ValueError, match=f"the MLflow server at http://127.0.0.1:{port} does not answer"):
+        train.preflight(tiny_config(dataset, tmp_path / "run"))

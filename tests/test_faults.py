@@ -1,0 +1,152 @@
+"""Fault injection: a process SIGKILLed at chosen points of a conversion, a model export and a
+report; afterwards nothing is lost or half-written, and the same command run again completes.
+
+Each victim is a child Python process that patches one function of the library to SIGKILL itself
+when reached, then runs the real code path; no test hook lives in the library."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from layouts import mvtec_tree
+
+from anomdiff.atomic import remove_leftovers
+from anomdiff.data.convert import convert
+from anomdiff.data.manifest import read_manifest, verify
+
+TESTS = Path(__file__).parent
+
+
+def killed_at(setup: str, run: str, tmp_path: Path) -> None:
+    """Run ``setup`` (which patches the kill point in) then ``run`` in a child; it must die by SIGKILL."""
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(TESTS)!r})
+        def die(*_, **__):
+            os.kill(os.getpid(), signal.SIGKILL)
+    """) + textwrap.dedent(setup) + textwrap.dedent(run)
+    child = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+CONVERT = """
+from anomdiff.atomic import remove_leftovers
+from anomdiff.data.convert import convert
+convert({src!r}, {out!r}, "mvtec", image_size=16, workers=1, shard_mb=0.001, overwrite={overwrite})
+"""
+
+KILL_POINTS = {
+    # after the first shard is on disk, mid-conversion
+    "mid_conversion": """
+        import anomdiff.data.writer as w
+        flush = w.DatasetWriter._flush
+        def flush_then_die(self, key):
+            flush(self, key)
+            die()
+        w.DatasetWriter._flush = flush_then_die
+    """,
+    # the new dataset complete, manifest written, not yet moved in
+    "before_the_move": """
+        import anomdiff.data.writer as w
+        w.replace_directory = die
+    """,
+    # moving in, between the two renames of the fallback path (no atomic exchange)
+    "between_renames": """
+        import anomdiff.atomic as a
+        a._exchange = lambda *_: False
+        replace = os.replace
+        def replace_then_die(src, dst):
+            if str(src).endswith(".tmp") and os.path.basename(dst) == "data":  # the old one is aside now
+                die()
+            replace(src, dst)
+        a.os.replace = replace_then_die
+    """,
+}
+
+
+# A new dataset is moved in with one rename: "between_renames" exists only when one is replaced.
+@pytest.mark.parametrize("point, overwrite", [(p, o) for p in KILL_POINTS for o in (False, True)
+                                              if o or p != "between_renames"])
+def test_a_conversion_killed_anywhere_loses_nothing_and_the_rerun_completes(tmp_path, point, overwrite):
+    src = mvtec_tree(tmp_path / "src", categories=("bottle", "cable"))
+    out = tmp_path / "data"
+    if overwrite:
+        convert(src, out, "mvtec", image_size=24, workers=1)  # the dataset a rerun replaces
+    killed_at(KILL_POINTS[point], CONVERT.format(src=str(src), out=str(out), overwrite=overwrite), tmp_path)
+    if point == "between_renames":  # the old dataset is set aside; the next writer puts it back first
+        assert not out.exists()
+        remove_leftovers(out)
+    if overwrite:
+        assert read_manifest(out)["image_size"] == 24 and verify(out) == []  # the old dataset, whole
+    else:
+        assert not out.exists()
+    manifest = convert(src, out, "mvtec", image_size=16, workers=1, shard_mb=0.001, overwrite=overwrite)
+    assert manifest["total"] == 14 and verify(out) == [] and read_manifest(out)["image_size"] == 16
+    assert names(tmp_path) == ["data", "src"]  # the killed run's temporaries are gone
+
+
+SAVE = """
+import torch
+from anomdiff.models import build_model
+from anomdiff.models.config import ModelConfig, load_preset
+torch.manual_seed(1)
+build_model(ModelConfig.from_dict({{"method": "knn", "image_size": 32}}, base=load_preset("tiny")), 1).save(
+    {out!r}, metadata={{"version": "new"}})
+"""
+
+
+@pytest.mark.parametrize("point", ["before_the_swap", "after_the_swap"])
+def test_a_model_export_killed_leaves_the_previous_model_or_the_new_one_whole(tmp_path, point):
+    import torch
+
+    from anomdiff.models import build_model, load_model
+    from anomdiff.models.config import ModelConfig, load_preset
+
+    out = tmp_path / "model"
+    build_model(ModelConfig.from_dict({"method": "knn", "image_size": 32}, base=load_preset("tiny")), 1).save(
+        out, metadata={"version": "old"})
+    setup = {"before_the_swap": """
+        import anomdiff.atomic as a
+        a.replace_directory = die
+    """, "after_the_swap": """
+        import anomdiff.atomic as a
+        a.shutil.rmtree = die  # the swap is done; dies deleting the old version
+    """}[point]
+    killed_at(setup, SAVE.format(out=str(out)), tmp_path)
+    expected = "old" if point == "before_the_swap" else "new"
+    assert load_model(out).metadata == {"version": expected}
+    torch.manual_seed(2)
+    build_model(ModelConfig.from_dict({"method": "knn", "image_size": 32}, base=load_preset("tiny")), 1).save(
+        out, metadata={"version": "newer"})
+    assert load_model(out).metadata == {"version": "newer"} and names(tmp_path) == ["model"]
+
+
+def test_a_report_killed_while_writing_leaves_no_partial_metrics(tmp_path):
+    doc = {"num_images": 2, "mean": {"image_auroc": 0.5}, "per_category": {}}
+    setup = """
+        import anomdiff.atomic as a
+        a.fsync_path = die  # the new metrics.json is written beside its place, not yet renamed in
+    """
+    run = f"""
+        from anomdiff.atomic import write_json_atomic
+        write_json_atomic({str(tmp_path / "metrics.json")!r}, {doc!r})
+    """
+    (tmp_path / "metrics.json").write_text(json.dumps({"previous": True}))
+    killed_at(setup, run, tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"previous": True}
+    leftovers = [p for p in tmp_path.iterdir() if p.name != "metrics.json"]
+    from anomdiff.atomic import write_json_atomic
+
+    write_json_atomic(tmp_path / "metrics.json", doc)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == doc
+    assert [p for p in tmp_path.iterdir() if p.name != "metrics.json"] == [] and len(leftovers) == 1
+    assert not os.path.exists(leftovers[0])
