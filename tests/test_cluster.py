@@ -65,7 +65,10 @@ def kill_session(marker: str) -> None:
 @pytest.fixture(scope="module")
 def environment():
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "PYTHONPATH": str(REPO)}
+           "PYTHONPATH": str(REPO),
+           # DeepSpeed builds its CPU ops with other flags in this environment than in the in-process
+           # tests; one shared build folder made each side rebuild them (minutes) after the other ran.
+           "TORCH_EXTENSIONS_DIR": str(Path.home() / ".cache" / "torch_extensions_anomdiff_cluster")}
     subprocess.run([BIN / "ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     return env
 
