@@ -19,8 +19,10 @@ from anomdiff.data.schema import MANIFEST_NAME
 from anomdiff.data.writer import OutputExistsError
 
 
-def tree(folder):
-    return sorted(p.relative_to(folder) for p in folder.rglob("*"))
+def dead_pid() -> int:
+    """The process id of a process that has exited."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(child.stdout)
 
 
 # --- nothing lost ----------------------------------------------------------------------------------
@@ -58,9 +60,7 @@ def test_a_failed_conversion_leaves_nothing_and_a_killed_ones_leftovers_go_at_th
     with pytest.raises(BadSampleError):
         convert(src, tmp_path / "out", "mvtec", image_size=16, workers=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)  # a process that has exited: its leftovers are garbage
-    (tmp_path / f".out.{pid}.abc123.tmp").mkdir()
+    (tmp_path / f".out.{dead_pid()}.abc123.tmp").mkdir()  # its writer has exited: garbage
     (tmp_path / f".out.{os.getpid()}.live99.tmp").mkdir()  # a running writer's: kept
     (src / "bottle" / "test" / "crack" / "001.png").unlink()
     convert(src, tmp_path / "out", "mvtec", image_size=16, workers=1)
@@ -76,9 +76,7 @@ def test_a_folder_set_aside_by_a_writer_killed_between_its_renames_is_put_back(t
     replace_directory(staging, dest)
     assert (dest / "weights").read_text() == "new"
     # What a kill between "old aside" and "new in" leaves: no dest, the old one aside under a dead pid.
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
-    os.replace(dest, tmp_path / f".model.old-{dead}")
+    os.replace(dest, tmp_path / f".model.old-{dead_pid()}")
     remove_leftovers(dest)
     assert (dest / "weights").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
@@ -167,10 +165,13 @@ def test_paths_that_lead_outside_the_source_are_refused(tmp_path):
 
 
 def test_a_decompression_bomb_is_a_bad_image_that_skip_bad_skips(tmp_path, monkeypatch):
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40 x 40 = 1,600 > 2 x 100: a "bomb"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # Pillow refuses images over twice this
     src = mvtec_tree(tmp_path / "src", categories=("bottle",))
-    with pytest.raises(BadSampleError, match="000.png: image too large to decode safely"):
+    write_image(src / "bottle" / "train" / "good" / "003.png", 7, size=100)  # 10,000 pixels: a "bomb"
+    with pytest.raises(BadSampleError, match="003.png: image too large to decode safely"):
         convert(src, tmp_path / "out", "mvtec", image_size=16, workers=1)
+    manifest = convert(src, tmp_path / "out", "mvtec", image_size=16, skip_bad=True, workers=1)
+    assert manifest["rejected"] == 1 and manifest["counts"]["bottle"]["train"]["normal"] == 3
 
 
 def test_malformed_split_files_name_the_file_and_the_row(tmp_path):

@@ -5,8 +5,9 @@ The paper has no public code; the shape follows its abstract, and the parts it l
 the closest public designs, Dinomaly (Guo et al., CVPR 2025) and INP-Former (Luo et al., CVPR 2025):
 
 - a frozen encoder (timm; DINOv2 ViT-B/14 with registers at paper size) gives the target features
-  at several levels; a noisy bottleneck (Dinomaly: an MLP with dropout) turns their mean into the
-  decoder's input tokens;
+  at several levels, each position's channels standardised (:func:`standardise_channels`; needed on
+  CNN features, docs/experiments.md); a noisy bottleneck (Dinomaly: an MLP with dropout) turns
+  their mean into the decoder's input tokens;
 - expanded learnable prototypes (Pro-AD, idea 1): ``num_prototypes`` vectors shared by every
   category, so no category label is ever needed;
 - the dynamic bidirectional decoder (Pro-AD, idea 2). Prototypes <- features: each decoder layer
@@ -18,8 +19,8 @@ the closest public designs, Dinomaly (Guo et al., CVPR 2025) and INP-Former (Luo
   no residual path around it, so an anomalous token cannot be copied through attention (the "soft
   identity mapping"); switched off, the block adds its input back (``constraint: false``);
 - losses: Dinomaly's hard-mined cosine distance per level (the easiest ``easy_fraction`` of the
-  points count ``easy_weight`` times) plus INP-Former's coherence term, the mean cosine distance of each bottleneck
-  token to its nearest dynamic prototype (``coherence_weight``);
+  points count ``easy_weight`` times) plus INP-Former's coherence term, the mean cosine distance of
+  each bottleneck token to its nearest dynamic prototype (``coherence_weight``);
 - anomaly map: 1 - cosine between target and rebuilt features per level, upsampled to the image,
   averaged over levels, Gaussian-smoothed; image score: the mean of the top ``top_fraction`` of the
   map's pixels (INP-Former: 1%).
