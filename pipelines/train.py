@@ -340,11 +340,10 @@ def run(cfg: ExperimentConfig, address: str | None = None) -> dict:
     best_checkpoint, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC])
     with best_checkpoint.as_directory() as directory:
         metadata = export_model(cfg, categories, Path(directory), out / "model")
-    with tracking.resume(run_ref) as active:
+    with tracking.resume(run_ref):
         tracking.log_metrics({"best/" + SELECTION_METRIC: metadata[SELECTION_METRIC],
                               "best/threshold": metadata["threshold"]})
-        if active is not None:
-            tracking.log_artifact(out / "model" / "config.json", "model")
+        tracking.log_artifact(out / "model" / "config.json", "model")
     print(f"exported the step-{metadata['step']} model ({SELECTION_METRIC} {metadata[SELECTION_METRIC]:.3f}) "
           f"to {out / 'model'}")
     return metadata
