@@ -26,9 +26,21 @@ def anomdiff_home() -> Path:
     return Path(os.environ.get("ANOMDIFF_HOME", ".anomdiff")).resolve()
 
 
+# The URIs this process handed to ``mlflow.set_tracking_uri``, which also writes them into
+# MLFLOW_TRACKING_URI: that variable is the user's choice only when it holds something else.
+_SET_HERE: set[str] = set()
+
+
+def _point_mlflow_at(uri: str) -> None:
+    mlflow.set_tracking_uri(uri)
+    _SET_HERE.add(uri)
+
+
 def tracking_uri(configured: str | None = None) -> str:
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    """``MLFLOW_TRACKING_URI`` when the user set it, else ``configured``, else SQLite under ANOMDIFF_HOME."""
+    chosen = os.environ.get("MLFLOW_TRACKING_URI")
+    if chosen and chosen not in _SET_HERE:
+        return chosen
     if configured:
         return configured
     home = anomdiff_home()
@@ -57,7 +69,7 @@ def check_server(cfg: TrackingConfig, timeout_s: float = 5.0) -> None:
 def use_experiment(cfg: TrackingConfig) -> str:
     """Point MLflow at the store and experiment of a ``tracking`` section; returns the tracking URI."""
     uri = tracking_uri(cfg.tracking_uri)
-    mlflow.set_tracking_uri(uri)
+    _point_mlflow_at(uri)
     if mlflow.get_experiment_by_name(cfg.experiment) is None:
         artifacts = (anomdiff_home() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
         mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
@@ -161,7 +173,7 @@ def resume(ref: RunRef | dict) -> Iterator[object | None]:
     answering stops the logging, not the job (:func:`run_while_reachable`)."""
     ref = RunRef(**ref) if isinstance(ref, dict) else ref
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", RETRIES_WHILE_TRAINING)
-    mlflow.set_tracking_uri(ref.tracking_uri)
+    _point_mlflow_at(ref.tracking_uri)
     try:
         mlflow.set_experiment(experiment_id=ref.experiment_id)  # nested runs opened inside go there too
     except Exception as exc:

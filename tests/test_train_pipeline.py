@@ -177,3 +177,20 @@ def test_an_mlflow_server_that_does_not_answer_stops_the_run_before_ray(dataset,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     with pytest.raises(ValueError, match=f"the MLflow server at http://127.0.0.1:{port} does not answer"):
         train.preflight(tiny_config(dataset, tmp_path / "run"))
+
+
+def test_the_uri_mlflow_writes_into_the_environment_does_not_override_the_next_jobs_config(tmp_path, monkeypatch):
+    """``mlflow.set_tracking_uri`` also sets MLFLOW_TRACKING_URI; a second job in the same process must
+    still log where its own config says, and a URI the user set still wins."""
+    import os
+
+    from anomdiff.config import TrackingConfig
+    from pipelines import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first, second = f"sqlite:///{tmp_path / 'first.db'}", f"sqlite:///{tmp_path / 'second.db'}"
+    tracking.use_experiment(TrackingConfig(tracking_uri=first))
+    assert os.environ["MLFLOW_TRACKING_URI"] == first
+    assert tracking.tracking_uri(second) == second
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'users.db'}")
+    assert tracking.tracking_uri(second) == f"sqlite:///{tmp_path / 'users.db'}"
