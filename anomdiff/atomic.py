@@ -2,7 +2,7 @@
 
 Files and folders are fsynced before they are renamed in, and the folder holding them after, so a
 power cut leaves the old version or the new one. Temporaries are named after the process that owns
-them (``.NAME.PID.XXXX.tmp``, ``.NAME.old-PID``), so the next writer of the same destination can
+them (``.NAME.PID.<random>.tmp``, ``.NAME.old-PID``), so the next writer of the same destination can
 tell a crashed writer's leftovers from a running one's and clean them up. New files and folders get
 the permissions the umask allows (``tempfile`` alone would make them private to their owner).
 """
