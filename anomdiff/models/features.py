@@ -7,6 +7,7 @@ the same network with random weights (tests, demo, machines without the weights)
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import timm
@@ -52,6 +53,11 @@ class FeatureExtractor(nn.Module):
         std = torch.tensor(data_cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32)
         self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def with_layers(cls, cfg: BackboneConfig, layers: list[int] | None) -> FeatureExtractor:
+        """The backbone of ``cfg`` giving a method's own ``layers`` (``None``: the backbone's)."""
+        return cls(replace(cfg, layers=list(layers if layers is not None else cfg.layers)))
 
     @property
     def channels(self) -> list[int]:

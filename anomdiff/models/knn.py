@@ -21,7 +21,6 @@ channels 252 MB.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -87,8 +86,7 @@ class KNNModel(nn.Module):
                              "leave it label_free")
         self.cfg, self.num_categories = cfg, num_categories
         k = cfg.knn
-        layers = k.layers if k.layers is not None else cfg.backbone.layers
-        self.features = FeatureExtractor(replace(cfg.backbone, layers=list(layers)))
+        self.features = FeatureExtractor.with_layers(cfg.backbone, k.layers)
         self.dim = min(sum(self.features.channels), k.dim)
         self.register_buffer("memory", torch.zeros(0, self.dim))
         self.register_buffer("memory_category", torch.zeros(0, dtype=torch.long))

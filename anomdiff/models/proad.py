@@ -28,7 +28,6 @@ the closest public designs, Dinomaly (Guo et al., CVPR 2025) and INP-Former (Luo
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -150,8 +149,7 @@ class ProADModel(nn.Module):
                              "leave it label_free")
         self.cfg, self.num_categories = cfg, num_categories
         p = cfg.proad
-        layers = p.layers if p.layers is not None else cfg.backbone.layers
-        self.features = FeatureExtractor(replace(cfg.backbone, layers=list(layers)))
+        self.features = FeatureExtractor.with_layers(cfg.backbone, p.layers)
         channels = self.features.channels
         self.grid_level = 0  # tokens live on the finest level's grid: the map keeps its resolution
         self.project = nn.ModuleList(nn.Conv2d(c, p.dim, 1) for c in channels)
