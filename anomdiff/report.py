@@ -215,15 +215,16 @@ def write_report(doc: dict, out_dir: str | Path, *, curves: dict | None = None,
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = {METRICS_JSON: write_json_atomic(out / METRICS_JSON, doc)}
-    with atomic_path(out / METRICS_MD) as tmp:
-        tmp.write_text(markdown_report(doc, title=title))
-    written[METRICS_MD] = out / METRICS_MD
-    written[AUROC_BARS_PNG] = plot_auroc_by_category(doc, out / AUROC_BARS_PNG)
+    written = {AUROC_BARS_PNG: plot_auroc_by_category(doc, out / AUROC_BARS_PNG)}
     if curves and any(curves.values()):
         written[CURVES_PNG] = plot_curves(curves, out / CURVES_PNG)
     if worst_cases:
         written[WORST_CASES_PNG] = plot_worst_cases(worst_cases, out / WORST_CASES_PNG)
+    with atomic_path(out / METRICS_MD) as tmp:
+        tmp.write_text(markdown_report(doc, title=title))
+    written[METRICS_MD] = out / METRICS_MD
+    # Last, each file whole: a metrics.json of this evaluation means its report is complete.
+    written[METRICS_JSON] = write_json_atomic(out / METRICS_JSON, doc)
     return written
 
 

@@ -7,6 +7,7 @@ Data and model commands run here in-process; the Ray jobs (``train``, ``evaluate
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import sys
@@ -167,6 +168,13 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"anomdiff: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"anomdiff: error: {where}no space left on the device; free some space and run the same command "
+              "again", file=sys.stderr)
         raise SystemExit(2) from None
 
 

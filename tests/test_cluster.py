@@ -292,3 +292,46 @@ def test_a_job_without_an_address_starts_its_own_ray_beside_a_foreign_head(tmp_p
     finally:
         kill_session(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+EVALUATE_KILLED = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import anomdiff.metrics
+update = anomdiff.metrics.StreamingMetrics.update
+def update_then_die(self, *args):
+    update(self, *args)
+    os.kill(os.getpid(), signal.SIGKILL)  # a batch of maps folded in, the rest still to come
+anomdiff.metrics.StreamingMetrics.update = update_then_die
+from pipelines.evaluate import evaluate
+evaluate({model!r}, {data!r}, {out!r}, ["evaluate.batch_size=2"])
+"""
+
+
+def test_an_evaluation_killed_mid_way_leaves_no_metrics_and_the_rerun_completes(environment, ray_head, dataset,
+                                                                                tmp_path):
+    from anomdiff.models import build_model
+    from anomdiff.models.config import ModelConfig, load_preset
+
+    model, out = tmp_path / "model", tmp_path / "evaluation"
+    import torch
+
+    knn = build_model(ModelConfig.from_dict({"method": "knn", "image_size": 32}, base=load_preset("tiny")), 2)
+    features = knn.patch_features(torch.rand(2, 3, 32, 32) * 2 - 1)  # a bank from noise: any scores will do
+    knn.build_memory({0: features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]), 1: features[0].flatten(1).T})
+    knn.save(model, metadata={"categories": ["noise-000", "stripes-001"], "score_range": [0.0, 10.0]})
+    env = {**environment, "RAY_ADDRESS": ray_head["gcs"], "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    victim = subprocess.run(
+        [sys.executable, "-c", EVALUATE_KILLED.format(repo=str(REPO), model=str(model), data=str(dataset),
+                                                      out=str(out))],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert victim.returncode == -signal.SIGKILL, victim.stdout[-2000:] + victim.stderr[-2000:]
+    assert "[evaluate] scored" not in victim.stdout  # killed with the first batch folded in, before any report
+    assert not (out / "metrics.json").exists()
+
+    done = subprocess.run([sys.executable, "-m", "pipelines.evaluate", str(model), str(dataset), "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["num_images"] == 4 and sorted(doc["per_category"]) == ["noise-000", "stripes-001"]
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporaries left

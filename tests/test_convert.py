@@ -3,7 +3,6 @@ import json
 import os
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from layouts import SIZE, folder_tree, mvtec_tree, realiad_tree, visa_tree, write_image, write_mask
 from PIL import Image
@@ -11,11 +10,12 @@ from PIL import Image
 from anomdiff.data.convert import LayoutError, convert
 from anomdiff.data.images import BadSampleError, decode_mask, decode_rgb
 from anomdiff.data.manifest import read_manifest, summary, verify
+from anomdiff.data.schema import read_shard
 from anomdiff.data.writer import OutputExistsError
 
 
 def rows(out):
-    return [r for s in read_manifest(out)["shards"] for r in pq.read_table(out / s["path"]).to_pylist()]
+    return [r for s in read_manifest(out)["shards"] for r in read_shard(out / s["path"]).to_pylist()]
 
 
 def snapshot(folder):

@@ -150,3 +150,39 @@ def test_a_report_killed_while_writing_leaves_no_partial_metrics(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text()) == doc
     assert [p for p in tmp_path.iterdir() if p.name != "metrics.json"] == [] and len(leftovers) == 1
     assert not os.path.exists(leftovers[0])
+
+
+FULL_DISK = """
+set -u
+mount -t tmpfs -o size=256k anomdiff-full {disk}
+{anomdiff} data synth {disk}/data {args} > {disk}.log 2>&1
+echo "status $?"
+ls -A {disk}
+mount -o remount,size=64m {disk}
+{anomdiff} data synth {disk}/data {args} > {disk}.rerun.log 2>&1
+echo "status $?"
+ls -A {disk}
+"""
+
+
+def test_a_full_disk_is_one_line_leaves_nothing_and_the_rerun_completes(tmp_path):
+    """``data synth`` onto a 256 KB tmpfs (mounted in a user and mount namespace of its own), then the
+    same command once the tmpfs has grown."""
+    import shutil
+
+    unshare = shutil.which("unshare")
+    probe = [unshare, "--user", "--map-root-user", "--mount", "true"] if unshare else None
+    if probe is None or subprocess.run(probe, capture_output=True).returncode != 0:
+        pytest.skip("needs unshare(1) and unprivileged user namespaces to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = FULL_DISK.format(disk=disk, anomdiff=Path(sys.executable).parent / "anomdiff",
+                              args="--categories 2 --train-per-category 20 --test-per-category 4 --image-size 64")
+    done = subprocess.run([unshare, "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                          capture_output=True, text=True, timeout=300)
+    first, second = done.stdout.split("status ")[1:]
+    error = (tmp_path / "disk.log").read_text().strip()
+    assert first.split()[0] == "2" and len(error.splitlines()) == 1, error
+    assert error.startswith(f"anomdiff: error: {disk}/data/category=") and "no space left on the device" in error
+    assert first.split()[1:] == []  # nothing left on the full disk
+    assert second.split() == ["0", "data"], done.stdout + done.stderr

@@ -1,9 +1,9 @@
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from anomdiff.data.images import decode_mask
 from anomdiff.data.manifest import read_manifest, summary, verify
+from anomdiff.data.schema import read_shard
 from anomdiff.data.synthetic import (
     ANOMALY_KINDS,
     FAMILIES,
@@ -68,7 +68,7 @@ def test_dataset_mask_is_non_empty_exactly_when_label_is_one(tmp_path):
     assert summary(manifest)["total"] == 12 * 10
     assert all(c["test"] == {"normal": 3, "anomalous": 3} for c in summary(manifest)["categories"].values())
     for shard in manifest["shards"]:
-        for row in pq.read_table(tmp_path / "synth" / shard["path"]).to_pylist():
+        for row in read_shard(tmp_path / "synth" / shard["path"]).to_pylist():
             mask = decode_mask(row["mask"], 32, 32)
             assert (mask.sum() > 0) == (row["label"] == 1), row["sample_id"]
             assert (row["defect_type"] == "good") == (row["label"] == 0)

@@ -2,11 +2,11 @@
 
 import json
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from anomdiff.config import CONF_DIR, load_config
+from anomdiff.data.schema import read_shard
 from anomdiff.data.splits import is_validation
 from anomdiff.data.synthetic import synthesize
 
@@ -110,7 +110,7 @@ def test_knn_builds_its_bank_on_two_workers_and_evaluates_without_the_category(l
     assert model.method == "knn" and metadata["step"] == 0 and 0.0 <= metadata["val_image_auroc"] <= 1.0
     # Both ranks' shards reach the bank, reduced once: each category keeps coreset_ratio of all its
     # training patches (8 x 8 per 32 px image), whichever rank saw them.
-    shards = [pq.read_table(path, columns=["sample_id", "category"], partitioning=None)
+    shards = [read_shard(path, columns=["sample_id", "category"])
               for path in sorted(dataset.rglob("split=train/*.parquet"))]
     kept = [row["category"] for shard in shards for row in shard.to_pylist()
             if not is_validation(row["sample_id"], cfg.data.validation_fraction, cfg.data.validation_seed)]

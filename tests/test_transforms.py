@@ -1,8 +1,8 @@
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from anomdiff.data.manifest import read_manifest, shard_paths
+from anomdiff.data.schema import read_shard
 from anomdiff.data.synthetic import synthesize
 from anomdiff.data.transforms import COLUMNS, DecodeBatch, unit_range
 
@@ -11,7 +11,7 @@ def test_uint8_decoding_is_the_float_decoding_before_normalisation(tmp_path):
     synthesize(tmp_path / "d", 2, seed=0, image_size=32, train_per_category=4, test_per_category=2, workers=1)
     manifest = read_manifest(tmp_path / "d")
     categories = sorted(manifest["counts"])
-    rows = pq.read_table(shard_paths(tmp_path / "d", manifest, "test", categories)[0], columns=list(COLUMNS))
+    rows = read_shard(shard_paths(tmp_path / "d", manifest, "test", categories)[0], columns=list(COLUMNS))
     as_float = DecodeBatch(24, categories)(rows)  # resized: the pixels go through PIL either way
     as_uint8 = DecodeBatch(24, categories, uint8=True)(rows)
     assert as_uint8["image"].dtype == np.uint8 and as_float["image"].dtype == np.float32

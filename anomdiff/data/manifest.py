@@ -7,7 +7,7 @@ from pathlib import Path, PurePosixPath
 
 import pyarrow.parquet as pq
 
-from anomdiff.data.schema import MANIFEST_NAME, SCHEMA_VERSION, SPLITS, manifest_path
+from anomdiff.data.schema import MANIFEST_NAME, READABLE_SCHEMA_VERSIONS, SPLITS, manifest_path
 from anomdiff.data.writer import sha256_of
 
 
@@ -30,10 +30,9 @@ def read_manifest(root: str | Path) -> dict:
     for key in ("schema_version", "image_size", "total", "counts", "shards"):
         if key not in manifest:
             raise DatasetError(f"{path}: missing key {key!r}")
-    if manifest["schema_version"] != SCHEMA_VERSION:
-        raise DatasetError(
-            f"{path}: schema version {manifest['schema_version']}, this anomdiff reads {SCHEMA_VERSION}"
-        )
+    if manifest["schema_version"] not in READABLE_SCHEMA_VERSIONS:
+        raise DatasetError(f"{path}: schema version {manifest['schema_version']}, this anomdiff reads "
+                           + " and ".join(map(str, READABLE_SCHEMA_VERSIONS)))
     _check_structure(path, manifest)
     return manifest
 

@@ -1,9 +1,11 @@
 """The Arrow schema of a converted dataset and the layout of its folder (README, "Data").
 
 A dataset is hive-partitioned parquet, ``DATA/category=<name>/split=<train|test>/part-<k>.parquet``,
-plus ``DATA/_manifest.json`` (a name parquet readers skip, so pyarrow, pandas and DuckDB read the
-folder as a dataset; datasets written before are read from ``manifest.json``). Every shard also
-carries ``category`` and ``split`` as columns, so a shard read alone still knows what it holds.
+plus ``DATA/_manifest.json`` (a name parquet readers skip; datasets written before are read from
+``manifest.json``). As in every hive-partitioned dataset, ``category`` and ``split`` live in the folder
+names only, so pyarrow, pandas and DuckDB read the folder as it is and agree on their type; each shard's
+key-value metadata also names them, so a shard read alone still knows what it holds. Version 1
+datasets, whose shards also held the two as columns, are still read.
 """
 
 from __future__ import annotations
@@ -12,8 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
+PARTITION_COLUMNS = ("category", "split")
 MANIFEST_NAME = "_manifest.json"
 LEGACY_MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.jsonl"
@@ -35,6 +40,8 @@ SCHEMA = pa.schema(
         pa.field("source", pa.string(), nullable=False),
     ]
 )
+# What a shard file stores: everything but the partition columns.
+SHARD_SCHEMA = pa.schema([f for f in SCHEMA if f.name not in PARTITION_COLUMNS])
 
 
 @dataclass(frozen=True)
@@ -74,8 +81,31 @@ def partition_dir(category: str, split: str) -> str:
 
 
 def records_to_table(records: list[Record]) -> pa.Table:
-    columns = {field.name: [getattr(r, field.name) for r in records] for field in SCHEMA}
-    return pa.Table.from_pydict(columns, schema=SCHEMA)
+    """The shard of one partition: ``SHARD_SCHEMA`` rows, category and split in the metadata."""
+    (category, split), = {(r.category, r.split) for r in records}
+    columns = {field.name: [getattr(r, field.name) for r in records] for field in SHARD_SCHEMA}
+    schema = SHARD_SCHEMA.with_metadata({b"anomdiff.category": category.encode(), b"anomdiff.split": split.encode()})
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def read_shard(path: str | Path, columns: list[str] | tuple[str, ...] | None = None) -> pa.Table:
+    """One shard as ``SCHEMA`` rows (or ``columns`` of them): the partition columns, as strings, from its
+    folder names (``.../category=C/split=S/part-k.parquet``) when the file does not hold them."""
+    path = Path(path)
+    partition = dict(folder.name.split("=", 1) for folder in (path.parent.parent, path.parent) if "=" in folder.name)
+    missing = [c for c in PARTITION_COLUMNS if c not in partition]
+    if missing:
+        raise ValueError(f"{path}: not inside a category=<name>/split=<split> folder")
+    wanted = list(columns) if columns is not None else SCHEMA.names
+    stored = pq.read_schema(path).names
+    table = pq.read_table(path, columns=[c for c in wanted if c in stored], partitioning=None)
+    for name in wanted:
+        if name not in stored:
+            if name not in PARTITION_COLUMNS:
+                raise ValueError(f"{path}: no column {name!r}")
+            table = table.append_column(pa.field(name, pa.string(), nullable=False),
+                                        pa.array([partition[name]] * table.num_rows, pa.string()))
+    return table.select(wanted)
 
 
 def manifest_path(root: str | Path) -> Path | None:

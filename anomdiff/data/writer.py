@@ -109,7 +109,12 @@ class DatasetWriter:
         path = self.tmp / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         # Images are already compressed: small row groups keep streaming reads fine-grained.
-        pq.write_table(records_to_table(records), path, row_group_size=256, compression="zstd")
+        try:
+            pq.write_table(records_to_table(records), path, row_group_size=256, compression="zstd")
+        except OSError as exc:
+            if exc.errno is None or exc.filename:
+                raise
+            raise OSError(exc.errno, exc.strerror or str(exc), str(self.out / relative)) from exc  # name the file
         self._shards.append(
             {"path": relative, "category": key[0], "split": key[1], "rows": len(records),
              "bytes": path.stat().st_size, "sha256": sha256_of(path)}
@@ -143,7 +148,11 @@ class DatasetWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:
+            self.abort()
+            raise

@@ -28,9 +28,8 @@ def baseline_ingest(path: Path, image_size: int, batch_size: int, split: str = "
                     validation_fraction: float = 0.1) -> dict:
     """The single-process reference: pyarrow reads the same shard files, the same hold-out filter
     and ``DecodeBatch`` decode and resize them in batches."""
-    import pyarrow.parquet as pq
-
     from anomdiff.data.manifest import read_manifest, shard_paths
+    from anomdiff.data.schema import read_shard
     from anomdiff.data.splits import nested_subset
     from anomdiff.data.transforms import COLUMNS, DecodeBatch, SelectHoldout
 
@@ -40,7 +39,7 @@ def baseline_ingest(path: Path, image_size: int, batch_size: int, split: str = "
     select = SelectHoldout(validation_fraction, 0, validation=False)
     start, images = time.perf_counter(), 0
     for shard in shard_paths(path, manifest, split, categories):
-        rows = pq.read_table(shard, columns=list(COLUMNS))
+        rows = read_shard(shard, columns=list(COLUMNS))
         if split == "train":
             rows = select(rows)
         for offset in range(0, rows.num_rows, batch_size):

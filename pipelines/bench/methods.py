@@ -59,16 +59,16 @@ def scoring_images_per_s(model_dir: Path, data: Path, images: int = SCORED_IMAGE
     """Test images scored per second by ``model.score`` in this process at one torch thread (what a
     scoring actor of ``pipelines.evaluate`` gets), after one unmeasured batch."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
     import torch
 
     from anomdiff.data.manifest import read_manifest, shard_paths
+    from anomdiff.data.schema import read_shard
     from anomdiff.data.transforms import COLUMNS, DecodeBatch
     from anomdiff.models import load_model
 
     model = load_model(model_dir)
     manifest = read_manifest(data)
-    rows = pa.concat_tables([pq.read_table(p, columns=list(COLUMNS)) for p in shard_paths(data, manifest, "test")])
+    rows = pa.concat_tables([read_shard(p, columns=list(COLUMNS)) for p in shard_paths(data, manifest, "test")])
     decode = DecodeBatch(model.cfg.image_size, model.metadata["categories"])
     batches = [torch.from_numpy(decode(rows.slice(o, batch))["image"]) for o in range(0, images + batch, batch)]
     with torch_threads(1):

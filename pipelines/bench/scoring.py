@@ -16,9 +16,9 @@ def scoring_section(paths: dict[int, Path], sizes: Sizes, workdir: Path) -> dict
     """Section 4: decode -> ``pipelines.evaluate.Scorer`` -> streaming metrics, guidance off and on, at
     the one torch thread Ray gives a scoring actor (``pipelines.evaluate`` asks 0.5 CPU for each)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from anomdiff.data.manifest import read_manifest, shard_paths
+    from anomdiff.data.schema import read_shard
     from anomdiff.data.transforms import COLUMNS, DecodeBatch
     from anomdiff.metrics import StreamingMetrics
     from pipelines.evaluate import Scorer
@@ -29,7 +29,7 @@ def scoring_section(paths: dict[int, Path], sizes: Sizes, workdir: Path) -> dict
     cfg = experiment("tiny", f"model.diffusion.ddim_steps={SCORING_DDIM_STEPS}")
     model_dir = workdir / "scoring-model"
     seeded_model(cfg, len(categories)).save(model_dir, metadata={"categories": categories})
-    rows = pa.concat_tables([pq.read_table(p, columns=list(COLUMNS)) for p in shard_paths(path, manifest, "test")])
+    rows = pa.concat_tables([read_shard(p, columns=list(COLUMNS)) for p in shard_paths(path, manifest, "test")])
     rows = rows.slice(0, sizes.scoring_images + sizes.scoring_batch)  # the first batch warms up
     decode = DecodeBatch(cfg.model.image_size, categories)
     result = {}

@@ -26,14 +26,13 @@ from pipelines.bench.sizes import SCALING_CATEGORIES, Sizes
 
 def decoded_batch(path: str, image_size: int, batch_size: int, num_categories: int) -> dict:
     """One decoded training batch as NumPy arrays (the fixed batch both training loops step on)."""
-    import pyarrow.parquet as pq
-
     from anomdiff.data.manifest import read_manifest, shard_paths
+    from anomdiff.data.schema import read_shard
     from anomdiff.data.transforms import COLUMNS, DecodeBatch
 
     manifest = read_manifest(path)
     categories = sorted(manifest["counts"])[:num_categories]
-    rows = pq.read_table(shard_paths(path, manifest, "train", categories)[0], columns=list(COLUMNS))
+    rows = read_shard(shard_paths(path, manifest, "train", categories)[0], columns=list(COLUMNS))
     decoded = DecodeBatch(image_size, categories)(rows.slice(0, batch_size))
     return {"image": decoded["image"], "category_index": decoded["category_index"]}
 
