@@ -172,3 +172,16 @@ def test_the_methods_table_names_dataset_method_and_protocol():
     table = markdown_table(doc)
     assert "| knn on photos (11 categories, demo budget, label_free)" in table
     assert "0.950 / 0.800 / 0.700, 61 s, 12.5 images/s" in table
+
+
+def test_the_drdc_table_has_a_row_per_variant_and_the_ratio_over_diad():
+    row = {"image_auroc": 0.9, "pixel_auroc": 0.8, "aupro": 0.7, "scoring_images_per_s": 1.25}
+    doc = {"drdc_refinement": {"experiment": "demo", "protocol": "label_free",
+                               "synthetic": {"categories": 8, "train_s": 300.0, "base_only": row,
+                                             "fused": {**row, "image_auroc": 0.95}, "timesteps=1": row,
+                                             "fused_scoring_ratio_over_diad": 0.25}}}
+    table = markdown_table(doc)
+    assert "| drdc on synthetic, fused: image / pixel AUROC / AUPRO, scoring | 0.950 / 0.800 / 0.700, 1.25 images/s" \
+        in table
+    assert "| drdc on synthetic, timesteps=1:" in table and "| drdc fused scoring over diad's on synthetic | x0.25" \
+        in table

@@ -166,6 +166,23 @@ def test_proad_trains_its_one_stage_with_only_the_method_changed_and_evaluates(l
     assert doc["protocol"] == "label_free" and doc["num_images"] == 12
 
 
+@pytest.mark.slow
+def test_drdc_trains_base_and_inpainter_with_only_the_method_changed_and_evaluates(local_ray, dataset, tmp_path):
+    """The demo experiment with ``model.method=drdc``: the tiny preset's pixel-space inpainter and its
+    Pro-AD base train together in one stage, and the exported model is evaluated label-free."""
+    from anomdiff.models import load_model
+    from pipelines import evaluate, train
+
+    cfg = tiny_config(dataset, tmp_path / "run", "model.method=drdc", "train.num_workers=2")
+    metadata = train.run(cfg)
+    model = load_model(tmp_path / "run" / "model")
+    assert model.method == "drdc" and model.stages == ("denoiser",) and model.base.method == "proad"
+    assert metadata["step"] in (2, 4) and 0.0 <= metadata["val_image_auroc"] <= 1.0
+    doc = evaluate.evaluate(str(tmp_path / "run" / "model"), str(dataset), str(tmp_path / "report"),
+                            ["model.drdc.gamma=0.3"])
+    assert doc["protocol"] == "label_free" and doc["num_images"] == 12
+
+
 def test_an_mlflow_server_that_does_not_answer_stops_the_run_before_ray(dataset, tmp_path, monkeypatch):
     import socket
 

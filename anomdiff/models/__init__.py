@@ -16,6 +16,7 @@ from anomdiff.models.config import ModelConfig, load_preset
 METHODS: dict[str, str] = {
     "diad": "anomdiff.models.diad:DiADModel",
     "dpdiff": "anomdiff.models.dpdiff:DPDiffModel",
+    "drdc": "anomdiff.models.drdc:DRDCModel",
     "knn": "anomdiff.models.knn:KNNModel",
     "proad": "anomdiff.models.proad:ProADModel",
 }

@@ -7,6 +7,7 @@ unknown keys by their dotted path so a typo in a YAML file fails loudly instead 
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,6 +245,59 @@ class ProADConfig(Section):
             raise ValueError(f"model.proad.top_fraction must be in (0, 1], got {self.top_fraction}")
 
 
+DRDC_SPACES = ("pixel", "latent")
+
+
+@dataclass
+class DRDCConfig(Section):
+    """DRDC (``method: drdc``; ``anomdiff/models/drdc.py``): a base model's heatmap refined by inpainting.
+
+    Training: ``base_method`` (a gradient-trained method, Pro-AD by default) trains in the same run
+    beside the inpainting UNet and a category head (``category_weight`` x its cross-entropy). The
+    inpainter works in ``space``: ``latent`` (SD inpainting's layout: noisy latent, masked-image latent
+    and mask in, ``2 x latent_channels + 1`` channels; weights from ``pretrained``, a diffusers folder or
+    Hub id with ``unet/`` and ``vae/``) or ``pixel`` (3 + 3 + 1 channels; the tiny preset, whose small
+    autoencoder would blur every texture it rebuilds).
+
+    Inference (keys a search tunes on a frozen model): ``mask_sets`` (n_s) disjoint sets of
+    ``patch`` x ``patch`` cells cover the image; ``timesteps`` (n_t) inpaintings from ``start_timestep``
+    (t_nt) down in equal strides, each a DDIM chain of ``ddim_steps``; the high-pass (``highpass_sigma``)
+    difference at each of ``scales``; a mean filter of ``filter_size`` (m); the maps fused with the
+    base's by ``gamma``. Image score: mean of the top ``top_fraction`` of the fused map."""
+
+    base_method: str = "proad"
+    space: str = "latent"
+    pretrained: str | None = None
+    mask_sets: int = 4
+    patch: int = 16
+    timesteps: int = 3
+    start_timestep: int = 600
+    ddim_steps: int = 10
+    filter_size: int = 9
+    gamma: float = 0.5
+    scales: list[int] = field(default_factory=lambda: [1, 2, 4])
+    highpass_sigma: float = 8.0
+    category_weight: float = 0.1
+    top_fraction: float = 0.01
+    mask_seed: int = 0
+
+    def __post_init__(self):
+        require_at_least("model.drdc", self, ("patch", "timesteps", "ddim_steps", "filter_size"))
+        require_at_least("model.drdc", self, ("mask_sets",), low=2)
+        if self.space not in DRDC_SPACES:
+            raise ValueError(f"model.drdc.space must be one of {', '.join(DRDC_SPACES)}, got {self.space!r}")
+        if self.filter_size % 2 == 0:
+            raise ValueError(f"model.drdc.filter_size must be odd (a centred mean filter), got {self.filter_size}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"model.drdc.gamma must be in [0, 1], got {self.gamma}")
+        if not self.scales or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.scales):
+            raise ValueError(f"model.drdc.scales must be a non-empty list of integers >= 1, got {self.scales}")
+        if self.highpass_sigma < 0 or self.category_weight < 0:
+            raise ValueError("model.drdc: highpass_sigma and category_weight must be >= 0")
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise ValueError(f"model.drdc.top_fraction must be in (0, 1], got {self.top_fraction}")
+
+
 @dataclass
 class ModelConfig(Section):
     """Everything that defines a model. ``trainable`` names the parts the denoiser stage trains:
@@ -273,6 +327,7 @@ class ModelConfig(Section):
     prototypes: PrototypeConfig = field(default_factory=PrototypeConfig)
     knn: KNNConfig = field(default_factory=KNNConfig)
     proad: ProADConfig = field(default_factory=ProADConfig)
+    drdc: DRDCConfig = field(default_factory=DRDCConfig)
 
     def __post_init__(self):
         self.validate()
@@ -330,11 +385,30 @@ class ModelConfig(Section):
             raise ValueError("model.scoring: pooling_kernel must be >= 1 and pooling_rounds >= 0")
         if self.scoring.noise_samples < 1:
             raise ValueError(f"model.scoring.noise_samples must be >= 1, got {self.scoring.noise_samples}")
+        if self.method == "drdc":
+            self._validate_drdc()
+
+    def _validate_drdc(self) -> None:
+        d = self.drdc
+        if d.base_method not in ("proad", "diad", "dpdiff"):
+            raise ValueError(f"model.drdc.base_method must be a method trained by gradient (proad, diad or dpdiff), "
+                             f"got {d.base_method!r}")
+        top = self.diffusion.train_max_timestep
+        top = self.diffusion.num_train_timesteps - 1 if top is None else top
+        if not d.timesteps <= d.start_timestep <= top:
+            raise ValueError(f"model.drdc.start_timestep must be in [timesteps, train_max_timestep] = "
+                             f"[{d.timesteps}, {top}], got {d.start_timestep}: the inpainter trains on timesteps up to "
+                             "model.diffusion.train_max_timestep")
+        cells = math.ceil(self.image_size / d.patch) ** 2
+        if d.mask_sets > cells:
+            raise ValueError(f"model.drdc.mask_sets ({d.mask_sets}) exceeds the {cells} mask cells of "
+                             f"{d.patch} px in a {self.image_size} px image")
 
     @property
     def refits_latent_scale(self) -> bool:
         """Whether VAE fine-tuning ends by refitting the latent scale (``vae.refit_scale``)."""
-        return not self.pretrained if self.vae.refit_scale is None else self.vae.refit_scale
+        pretrained = self.drdc.pretrained if self.method == "drdc" else self.pretrained
+        return not pretrained if self.vae.refit_scale is None else self.vae.refit_scale
 
     @property
     def downsampling(self) -> int:

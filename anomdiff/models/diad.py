@@ -34,6 +34,19 @@ from anomdiff.models.saved import load_weights, read_saved_config, save_model
 from anomdiff.models.unet import UNET_PARTS, build_unet, check_unet_matches
 
 
+def ddim_timesteps(scheduler: DDIMScheduler, start: int, steps: int, device=None) -> torch.Tensor:
+    """``steps`` DDIM timesteps from ``start`` down: the tail of a trailing-spaced schedule over all
+    training timesteps (so a start of 999 is the first step exactly), its length the smallest at or
+    above the proportional one that leaves ``steps``."""
+    total = max(steps, round(steps * scheduler.config.num_train_timesteps / (start + 1)))
+    while True:  # rounding can fall short: 1 step from 400 gives round(2.5) = 2, [999, 499]
+        scheduler.set_timesteps(total, device=device)
+        timesteps = scheduler.timesteps[scheduler.timesteps <= start]
+        if len(timesteps) >= steps:
+            return timesteps[:steps]
+        total += 1
+
+
 class DiADModel(nn.Module):
     """DiAD with learned context tokens. ``batch``: ``image`` B x 3 x H x W in [-1, 1],
     ``category_index`` B (long; read only under ``conditioning: category_aware``), optionally
@@ -208,17 +221,8 @@ class DiADModel(nn.Module):
     # --- inference ---------------------------------------------------------------------------
 
     def inference_timesteps(self, scheduler: DDIMScheduler, device=None) -> torch.Tensor:
-        """``ddim_steps`` DDIM timesteps from ``start_timestep`` down: the tail of a trailing-spaced
-        schedule over all training timesteps (so the default start 999 is the first step exactly),
-        its length the smallest at or above the proportional one that leaves ``ddim_steps``."""
         d = self.cfg.diffusion
-        total = max(d.ddim_steps, round(d.ddim_steps * d.num_train_timesteps / (d.start_timestep + 1)))
-        while True:  # rounding can fall short: 1 step from 400 gives round(2.5) = 2, [999, 499]
-            scheduler.set_timesteps(total, device=device)
-            timesteps = scheduler.timesteps[scheduler.timesteps <= d.start_timestep]
-            if len(timesteps) >= d.ddim_steps:
-                return timesteps[: d.ddim_steps]
-            total += 1
+        return ddim_timesteps(scheduler, d.start_timestep, d.ddim_steps, device)
 
     @torch.no_grad()
     def reconstruct(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:

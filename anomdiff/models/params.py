@@ -16,7 +16,8 @@ def count_parameters(preset: str, method: str | None = None) -> dict[str, int]:
     ``method`` (default: the preset's own)."""
     base = load_preset(preset)
     cfg = ModelConfig.from_dict(
-        {"method": method or base.method, "pretrained": None, "backbone": {"pretrained": None}}, base=base
+        {"method": method or base.method, "pretrained": None, "backbone": {"pretrained": None},
+         "drdc": {"pretrained": None}}, base=base
     )
     with init_empty_weights():
         model = build_model(cfg, num_categories=1)

@@ -21,14 +21,14 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or Path(source).exists()
 
 
-def _load(cls, source: str, subfolder: str):
+def _load(cls, source: str, subfolder: str, key: str):
     if _looks_like_path(source):
         folder = Path(source).expanduser()
         if not folder.is_dir():
-            raise PretrainedNotFoundError(f"model.pretrained: folder {str(folder)!r} does not exist")
+            raise PretrainedNotFoundError(f"{key}: folder {str(folder)!r} does not exist")
         if not (folder / subfolder / "config.json").is_file():
             raise PretrainedNotFoundError(
-                f"model.pretrained: {str(folder)!r} has no {subfolder}/config.json; expected a diffusers-format "
+                f"{key}: {str(folder)!r} has no {subfolder}/config.json; expected a diffusers-format "
                 "folder with unet/ and vae/ subfolders"
             )
         return cls.from_pretrained(str(folder), subfolder=subfolder)
@@ -36,9 +36,9 @@ def _load(cls, source: str, subfolder: str):
         return cls.from_pretrained(source, subfolder=subfolder)
     except (OSError, ValueError) as exc:  # hub errors subclass OSError; diffusers adds ValueError
         raise PretrainedNotFoundError(
-            f"model.pretrained: could not load {subfolder!r} of {source!r} from the Hugging Face Hub or its local "
+            f"{key}: could not load {subfolder!r} of {source!r} from the Hugging Face Hub or its local "
             f"cache ({type(exc).__name__}: {exc}). Without network, download it elsewhere "
-            f"(huggingface-cli download {source}) and set model.pretrained to the folder."
+            f"(huggingface-cli download {source}) and set {key} to the folder."
         ) from exc
 
 
@@ -67,6 +67,24 @@ def _hub_problem(repo: str, filename: str) -> str | None:
     return None
 
 
+def _diffusers_problems(key: str, source: str) -> list[str]:
+    """Why the diffusers-format model ``source`` (a folder or Hub id, named by config ``key``) cannot
+    be loaded, checked without loading it."""
+    if _looks_like_path(source):
+        folder = Path(source).expanduser()
+        missing = [f"{sub}/config.json" for sub in ("unet", "vae") if not (folder / sub / "config.json").is_file()]
+        if missing:
+            return [f"{key}: {str(folder)!r} has no {' or '.join(missing)}; point it at a diffusers-format "
+                    "folder with unet/ and vae/ subfolders"]
+        return []
+    why = _hub_problem(source, "unet/config.json")
+    if why:
+        return [f"{key}: cannot get {source!r} ({why}). On a machine with network run "
+                f"`huggingface-cli download {source} --include 'unet/*' 'vae/*' --local-dir DIR`, copy DIR here and "
+                f"pass {key}=DIR (or {key}=null for random weights)"]
+    return []
+
+
 def pretrained_problems(cfg, diffusion: bool = True) -> list[str]:
     """What stands between a ``ModelConfig`` and the pretrained weights it asks for, checked without
     loading them (a config file of a few kB from the Hub at most): one line per problem, each naming
@@ -75,20 +93,9 @@ def pretrained_problems(cfg, diffusion: bool = True) -> list[str]:
     a machine without the weights fails at once."""
     problems = []
     if cfg.pretrained and diffusion:
-        source = cfg.pretrained
-        if _looks_like_path(source):
-            folder = Path(source).expanduser()
-            missing = [f"{sub}/config.json" for sub in ("unet", "vae") if not (folder / sub / "config.json").is_file()]
-            if missing:
-                problems.append(f"model.pretrained: {str(folder)!r} has no {' or '.join(missing)}; point it at a "
-                                "diffusers-format SD1.5 folder with unet/ and vae/ subfolders")
-        else:
-            why = _hub_problem(source, "unet/config.json")
-            if why:
-                problems.append(f"model.pretrained: cannot get {source!r} ({why}). On a machine with network run "
-                                f"`huggingface-cli download {source} --include 'unet/*' 'vae/*' --local-dir DIR`, "
-                                "copy DIR here and "
-                                "pass model.pretrained=DIR (or model.pretrained=null for random weights)")
+        problems += _diffusers_problems("model.pretrained", cfg.pretrained)
+    if cfg.method == "drdc" and cfg.drdc.space == "latent" and cfg.drdc.pretrained:
+        problems += _diffusers_problems("model.drdc.pretrained", cfg.drdc.pretrained)
     backbone = cfg.backbone
     if backbone.pretrained == "hub":
         import timm
@@ -104,6 +111,7 @@ def pretrained_problems(cfg, diffusion: bool = True) -> list[str]:
     return problems
 
 
-def load_pretrained(source: str) -> tuple[UNet2DConditionModel, AutoencoderKL]:
-    """The pretrained UNet and VAE of a diffusers-format model folder or Hub id."""
-    return _load(UNet2DConditionModel, source, "unet"), _load(AutoencoderKL, source, "vae")
+def load_pretrained(source: str, key: str = "model.pretrained") -> tuple[UNet2DConditionModel, AutoencoderKL]:
+    """The pretrained UNet and VAE of a diffusers-format model folder or Hub id (``key``: the config key
+    that named it, for the error)."""
+    return _load(UNet2DConditionModel, source, "unet", key), _load(AutoencoderKL, source, "vae", key)

@@ -42,6 +42,7 @@ from pipelines.bench.ingest import ingest_section, make_datasets
 from pipelines.bench.measure import experiment, machine
 from pipelines.bench.methods import PROAD_ABLATION, methods_section
 from pipelines.bench.metrics import metrics_section
+from pipelines.bench.refinement import drdc_section
 from pipelines.bench.report import markdown_table
 from pipelines.bench.scaling import scaling_section
 from pipelines.bench.scoring import scoring_section
@@ -120,7 +121,7 @@ def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS, workdir: str 
         if "gpu" in wanted:
             _progress(start, "GPU: " + ("measuring" if _has_cuda() else "no CUDA device, skipped"))
             doc["gpu"] = device_benchmark(quick, peak_tflops=peak_tflops)
-        if ray_sections or {"methods", "proad_ablation"} & wanted or (doc["gpu"] and ray_address(address)):
+        if ray_sections or set(OPTIONAL_SECTIONS) & wanted or (doc["gpu"] and ray_address(address)):
             # Workers' output stays off the console: the sections print their own progress.
             start_ray(address, quiet=True, num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
             doc["machine"]["ray_cluster"] = _cluster_resources()
@@ -146,6 +147,9 @@ def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS, workdir: str 
         if "proad_ablation" in wanted:
             _progress(start, "Pro-AD ablation: without the constraint, one-way, few prototypes, at the demo's budget")
             doc["proad_ablation"] = methods_section(work / "proad_ablation", methods=(), variants=PROAD_ABLATION)
+        if "drdc_refinement" in wanted:
+            _progress(start, "DRDC: base only, refinement only, fused, and n_t / n_s, on one trained model per dataset")
+            doc["drdc_refinement"] = drdc_section(work / "drdc_refinement")
         if doc["gpu"] and _cluster_resources().get("GPU", 0) >= 2:
             _progress(start, "GPU: ZeRO stages 0-3 at DiAD's batch 12 on 2 GPU workers (sd15 preset)")
             doc["gpu"]["zero_memory"] = zero_section(replace(sizes, zero_preset="sd15", zero_overrides=RANDOM_WEIGHTS),

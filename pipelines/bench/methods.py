@@ -13,7 +13,7 @@ import numpy as np
 from anomdiff.config import load_config
 from pipelines.bench.measure import ratio, torch_threads
 
-METHODS = ("knn", "diad", "dpdiff", "proad")
+METHODS = ("knn", "diad", "dpdiff", "proad", "drdc")
 PROAD_ABLATION = {  # row -> the overrides that make it (Pro-AD's ideas 3, 2 and 1 taken away in turn)
     "proad": ("model.method=proad",),
     "proad_no_constraint": ("model.method=proad", "model.proad.constraint=false"),
@@ -55,9 +55,11 @@ def make_dataset(name: str, root: Path, num_categories: int) -> Path:
     return data
 
 
-def scoring_images_per_s(model_dir: Path, data: Path, images: int = SCORED_IMAGES, batch: int = 8) -> float:
+def scoring_images_per_s(model_dir: Path, data: Path, images: int = SCORED_IMAGES, batch: int = 8,
+                         overrides: dict | None = None) -> float:
     """Test images scored per second by ``model.score`` in this process at one torch thread (what a
-    scoring actor of ``pipelines.evaluate`` gets), after one unmeasured batch."""
+    scoring actor of ``pipelines.evaluate`` gets), after one unmeasured batch; ``overrides``: inference
+    keys of the method's own config section (``{"gamma": 0}`` for ``model.drdc.gamma``)."""
     import pyarrow as pa
     import torch
 
@@ -67,6 +69,10 @@ def scoring_images_per_s(model_dir: Path, data: Path, images: int = SCORED_IMAGE
     from anomdiff.models import load_model
 
     model = load_model(model_dir)
+    if overrides:
+        from anomdiff.models.config import ModelConfig
+
+        model.cfg = ModelConfig.from_dict({model.method: overrides}, base=model.cfg)
     manifest = read_manifest(data)
     rows = pa.concat_tables([read_shard(p, columns=list(COLUMNS)) for p in shard_paths(data, manifest, "test")])
     decode = DecodeBatch(model.cfg.image_size, model.metadata["categories"])
@@ -88,7 +94,7 @@ def methods_section(work: Path, methods: tuple[str, ...] = METHODS, datasets: tu
     on validation, never on test). ``variants`` adds rows: a name and the overrides (``model.method``
     among them) that make it, for ablations."""
     from anomdiff.config import CONF_DIR
-    from anomdiff.models import model_class
+    from anomdiff.models import load_model, model_class
     from pipelines import evaluate, train
 
     out: dict = {"experiment": "demo", "protocol": "label_free"}
@@ -108,13 +114,14 @@ def methods_section(work: Path, methods: tuple[str, ...] = METHODS, datasets: tu
                                     ["tracking.experiment=anomdiff-bench-methods"])
             kind = model_class(cfg.model.method)
             trained = getattr(kind, "trained_by_gradient", True)
+            stages = load_model(run_dir / "model").stages  # an instance's own: drdc in pixel space has no vae
             steps_per_s = _denoiser_steps_per_s(run_dir) if trained else None
             rows[method] = {**{k: doc["mean"][k] for k in ("image_auroc", "pixel_auroc", "aupro")},
                             "protocol": doc["protocol"], "train_s": train_s,
                             "scoring_images_per_s": scoring_images_per_s(run_dir / "model", data),
                             "denoiser_step_s": 1 / steps_per_s if steps_per_s else None,
                             "steps": cfg.train.steps if trained else 0,
-                            "vae_steps": cfg.train.vae_steps if "vae" in kind.stages else 0}
+                            "vae_steps": cfg.train.vae_steps if "vae" in stages else 0}
             print(f"[bench] {name} / {method}: image AUROC {doc['mean']['image_auroc']:.3f}, pixel AUROC "
                   f"{doc['mean']['pixel_auroc']:.3f}, AUPRO {doc['mean']['aupro']:.3f}, trained in {train_s:.0f} s",
                   flush=True)

@@ -65,6 +65,17 @@ def markdown_table(doc: dict) -> str:
                              f"{_fmt(r['image_auroc'], '.3f')} / {_fmt(r['pixel_auroc'], '.3f')} / "
                              f"{_fmt(r['aupro'], '.3f')}, {_fmt(r['train_s'], '.0f')} s, "
                              f"{_fmt(r['scoring_images_per_s'], '.1f')} images/s", ""))
+    if doc.get("drdc_refinement"):
+        d = doc["drdc_refinement"]
+        for dataset in (k for k, v in d.items() if isinstance(v, dict)):
+            for label in (k for k, v in d[dataset].items() if isinstance(v, dict) and "image_auroc" in v):
+                r = d[dataset][label]
+                rows.append((f"drdc on {dataset}, {label}: image / pixel AUROC / AUPRO, scoring",
+                             f"{_fmt(r['image_auroc'], '.3f')} / {_fmt(r['pixel_auroc'], '.3f')} / "
+                             f"{_fmt(r['aupro'], '.3f')}, {_fmt(r['scoring_images_per_s'], '.2f')} images/s", ""))
+            if d[dataset].get("fused_scoring_ratio_over_diad") is not None:
+                rows.append((f"drdc fused scoring over diad's on {dataset}",
+                             f"x{_fmt(d[dataset]['fused_scoring_ratio_over_diad'])}", ""))
     if doc.get("gpu"):
         g = doc["gpu"]
         rows.append((f"GPU {g['device']}: {g['preset']} training, batch {g['batch_size']}",

@@ -1,0 +1,175 @@
+"""DRDC: disjoint mask sets, the closed identical shortcut, the fusion weight, a pasted defect, persistence."""
+
+import pytest
+import torch
+from samples import images, with_defects
+
+from anomdiff.models import build_model, load_model
+from anomdiff.models.config import ModelConfig, load_preset
+from anomdiff.models.drdc import mask_sets, refinement_timesteps
+from anomdiff.models.pretrained import PretrainedNotFoundError
+from anomdiff.models.train_loop import fit
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+
+def tiny_drdc(overrides=None, num_categories=1):
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict({"method": "drdc", **(overrides or {})}, base=load_preset("tiny"))
+    return build_model(cfg, num_categories)
+
+
+def with_drdc(model, **drdc):
+    """The same weights under other inference keys (what evaluate's model.drdc.* overrides do)."""
+    model.cfg = ModelConfig.from_dict({"drdc": drdc}, base=model.cfg)
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained(one_cpu_thread):
+    """30 steps on one synthetic category: enough for the inpainter to rebuild its texture roughly."""
+    model = tiny_drdc()
+    x, _ = images(0, 16, seed=0)
+    batches = [{"image": x[i:i + 8], "category_index": torch.zeros(8, dtype=torch.long)} for i in (0, 8)]
+    fit(model, batches, steps=30, lr=2e-3)
+    return model
+
+
+@pytest.mark.parametrize("height, width, count, patch", [(64, 64, 4, 8), (60, 52, 3, 16), (32, 48, 7, 8),
+                                                          (64, 64, 2, 16)])
+def test_the_mask_sets_are_disjoint_and_cover_the_image(height, width, count, patch):
+    sets = mask_sets(height, width, count, patch, seed=3)
+    assert sets.shape == (count, height, width)
+    assert torch.equal(sets.sum(0), torch.ones(height, width))  # every pixel masked in exactly one set
+    sizes = sets.sum((1, 2))
+    assert sizes.min() > 0 and sizes.max() - sizes.min() <= patch * patch  # balanced to one cell
+    assert not torch.equal(sets, mask_sets(height, width, count, patch, seed=4))  # the seed decides the deal
+
+
+def test_more_mask_sets_than_cells_are_refused():
+    with pytest.raises(ValueError, match="5 mask sets need at least as many 32 px cells"):
+        mask_sets(64, 64, 5, 32, seed=0)
+    with pytest.raises(ValueError, match=r"model.drdc.mask_sets \(20\) exceeds the 16 mask cells"):
+        ModelConfig.from_dict({"method": "drdc", "drdc": {"mask_sets": 20, "patch": 16}}, base=load_preset("tiny"))
+
+
+def test_a_masked_pixel_never_reaches_its_own_inpainting(trained):
+    """The identical shortcut is closed: a masked pixel's value does not move its own set's inpainting
+    (it does move the other sets', where it is context)."""
+    x, _ = images(0, 2, seed=1)
+    before, sets = trained.inpaintings({"image": x})
+    ys, xs = torch.nonzero(sets[0], as_tuple=True)
+    y, x_ = int(ys[len(ys) // 2]), int(xs[len(xs) // 2])
+    changed = x.clone()
+    changed[:, :, y - 1:y + 2, x_ - 1:x_ + 2] = -changed[:, :, y - 1:y + 2, x_ - 1:x_ + 2]  # a 3 x 3 "defect"
+    assert sets[0, y - 1:y + 2, x_ - 1:x_ + 2].all()
+    after, _ = trained.inpaintings({"image": changed})
+    hidden = sets[0].bool()
+    assert torch.allclose(after[:, :, 0][..., hidden], before[:, :, 0][..., hidden], atol=1e-6)
+    elsewhere = sets[1].bool()
+    assert (after[:, :, 1][..., elsewhere] - before[:, :, 1][..., elsewhere]).abs().max() > 1e-3
+
+
+def test_gamma_zero_gives_the_base_map_and_one_the_refinement_alone(trained):
+    x, _ = images(0, 2, seed=2)
+    base = trained.base.score({"image": x})["anomaly_map"]
+    half = with_drdc(trained, gamma=0.5).maps({"image": x})
+    try:
+        assert torch.equal(with_drdc(trained, gamma=0.0).score({"image": x})["anomaly_map"], base)
+        assert torch.allclose(with_drdc(trained, gamma=1.0).score({"image": x})["anomaly_map"], half["refinement"])
+        assert torch.allclose(half["fused"], 0.5 * base + 0.5 * half["refinement"])
+        assert not torch.allclose(half["refinement"], base, atol=1e-2)
+    finally:
+        with_drdc(trained, gamma=0.5)
+
+
+def test_a_pasted_defect_raises_the_refinement_heatmap_at_the_defect(trained):
+    clean, _ = images(0, 4, seed=9)
+    defective, masks = with_defects(clean)
+    at_defect = (trained.refinement_map({"image": defective}) * masks).sum() / masks.sum()
+    same_pixels_clean = (trained.refinement_map({"image": clean}) * masks).sum() / masks.sum()
+    assert at_defect > 1.5 * same_pixels_clean, (float(at_defect), float(same_pixels_clean))
+
+
+def test_the_refinement_uses_n_t_timesteps_from_t_nt():
+    assert refinement_timesteps(3, 600) == [600, 400, 200]
+    assert refinement_timesteps(1, 300) == [300]
+    model = tiny_drdc({"drdc": {"timesteps": 3, "start_timestep": 300}})
+    inpainted, sets = model.inpaintings({"image": images(0, 1, seed=0)[0]})
+    assert inpainted.shape == (1, 3, 4, 3, 64, 64) and sets.shape == (4, 64, 64)
+
+
+def test_training_reaches_the_base_the_inpainter_and_the_category_head():
+    model = tiny_drdc(num_categories=2).train()
+    x, _ = images(0, 2, seed=0)
+    out = model.training_loss({"image": x, "category_index": torch.tensor([0, 1])})
+    out["loss"].backward()
+    assert set(out) == {"loss", "base", "inpainting", "category"}
+    for name, part in [("prototypes", model.base.prototypes), ("inpainter", model.inpainter.conv_in.weight),
+                       ("category head", model.category_head.weight), ("tokens", model.category_tokens)]:
+        assert part.grad is not None and part.grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in model.base.features.parameters())  # the backbone stays frozen
+    assert model.stages == ("denoiser",)  # pixel space: no autoencoder stage
+
+
+def test_scoring_is_label_free_unless_category_aware():
+    x, _ = images(0, 1, seed=0)
+    out = tiny_drdc({"drdc": {"timesteps": 1, "ddim_steps": 1}}).eval().score({"image": x})  # no category_index
+    assert out["anomaly_map"].shape == (1, 64, 64) and out["image_score"].shape == (1,)
+    aware = tiny_drdc({"conditioning": "category_aware", "drdc": {"timesteps": 1, "ddim_steps": 1}}, 2).eval()
+    with pytest.raises(ValueError, match="category_aware: the batch needs category_index"):
+        aware.score({"image": x})
+    assert aware.score({"image": x, "category_index": torch.tensor([1])})["anomaly_map"].shape == (1, 64, 64)
+
+
+def test_the_saved_model_scores_identically_after_load(trained, tmp_path):
+    x, _ = images(0, 2, seed=4)
+    trained.save(tmp_path / "drdc", metadata={"categories": ["a"]})
+    loaded = load_model(tmp_path / "drdc")
+    assert loaded.method == "drdc" and loaded.metadata == {"categories": ["a"]}
+    assert torch.allclose(loaded.score({"image": x})["anomaly_map"], trained.score({"image": x})["anomaly_map"])
+
+
+def test_latent_space_trains_its_autoencoder_first_and_inpaints_latents():
+    model = tiny_drdc({"drdc": {"space": "latent", "timesteps": 1, "ddim_steps": 2}})
+    assert model.stages == ("vae", "denoiser") and model.inpainter.config.in_channels == 2 * 4 + 1
+    x, _ = images(0, 2, seed=0)
+    model.set_stage("vae")
+    assert all(p.requires_grad for p in model.vae.parameters()) and not model.inpainter.conv_in.weight.requires_grad
+    assert model.vae_loss({"image": x})["loss"].requires_grad
+    model.set_stage("denoiser")
+    assert model.training_loss({"image": x, "category_index": torch.zeros(2, dtype=torch.long)})["loss"].isfinite()
+    assert model.eval().score({"image": x})["anomaly_map"].shape == (2, 64, 64)
+
+
+def write_diffusers_folder(path, unet, vae):
+    unet.save_pretrained(path / "unet")
+    vae.save_pretrained(path / "vae")
+
+
+def test_pretrained_inpainting_weights_load_and_a_plain_unet_is_refused(tmp_path):
+    from anomdiff.models.unet import build_unet
+
+    source = tiny_drdc({"drdc": {"space": "latent"}})
+    write_diffusers_folder(tmp_path / "inpaint", source.inpainter, source.vae)
+    torch.manual_seed(1)
+    model = tiny_drdc({"drdc": {"space": "latent", "pretrained": str(tmp_path / "inpaint")}})
+    assert torch.equal(model.inpainter.conv_in.weight, source.inpainter.conv_in.weight)
+    write_diffusers_folder(tmp_path / "plain", build_unet(source.cfg), source.vae)  # text-to-image: 4 channels in
+    with pytest.raises(ValueError, match="takes 4 input channels, an inpainting UNet takes 9"):
+        tiny_drdc({"drdc": {"space": "latent", "pretrained": str(tmp_path / "plain")}})
+    with pytest.raises(PretrainedNotFoundError, match="model.drdc.pretrained: folder .* does not exist"):
+        tiny_drdc({"drdc": {"space": "latent", "pretrained": str(tmp_path / "missing")}})
+
+
+@pytest.mark.parametrize("drdc, message", [
+    ({"start_timestep": 500}, r"start_timestep must be in \[timesteps, train_max_timestep\] = \[2, 400\]"),
+    ({"filter_size": 4}, "filter_size must be odd"),
+    ({"gamma": 1.5}, r"gamma must be in \[0, 1\]"),
+    ({"space": "voxel"}, "space must be one of pixel, latent"),
+    ({"base_method": "knn"}, "base_method must be a method trained by gradient"),
+    ({"scales": []}, "scales must be a non-empty list"),
+])
+def test_bad_drdc_keys_are_named(drdc, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict({"method": "drdc", "drdc": drdc}, base=load_preset("tiny"))
