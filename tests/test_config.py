@@ -67,7 +67,7 @@ def test_compose_refuses_an_unknown_part(tmp_path):
     ("train.vae_lr=inf", "train.vae_lr must be a positive finite number"),
     ("model.image_size=30", "model.image_size must be a multiple of 16"),
     ("model.image_size=-64", r"model.image_size must be an integer in \[16, 8192\]"),
-    ("model.method=dinomaly", "model.method must be one of diad, dpdiff, knn, proad, got 'dinomaly'"),
+    ("model.method=dinomaly", "model.method must be one of diad, dpdiff, drdc, knn, proad, got 'dinomaly'"),
     ("evaluate.batch_size=0", "evaluate.batch_size must be"),
 ])
 def test_values_the_jobs_would_fail_on_inside_ray_are_refused_when_the_config_is_read(override, message):

@@ -28,7 +28,8 @@ def test_sd15_preset_states_diads_defaults_and_asks_for_its_pretrained_weights()
     preset = load_preset("sd15")
     assert preset.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5" and preset.backbone.pretrained == "hub"
     assert preset.refits_latent_scale is False  # SD's latent scale is kept after VAE fine-tuning
-    same_weights = {"pretrained": None, "backbone": {"pretrained": None}, "knn": {"layers": None}}
+    same_weights = {"pretrained": None, "backbone": {"pretrained": None}, "knn": {"layers": None},
+                    "drdc": {"pretrained": None}}
     assert ModelConfig.from_dict(same_weights, base=preset) == ModelConfig()
 
 

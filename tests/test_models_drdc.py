@@ -173,3 +173,33 @@ def test_pretrained_inpainting_weights_load_and_a_plain_unet_is_refused(tmp_path
 def test_bad_drdc_keys_are_named(drdc, message):
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_dict({"method": "drdc", "drdc": drdc}, base=load_preset("tiny"))
+
+
+def test_an_exported_base_model_gives_the_base_map_frozen_and_travels_with_the_model(tmp_path):
+    """``model.drdc.base_model``: any method's exported folder; its map is the base map, it does not
+    train, and the saved DRDC model holds it in ``base/`` (the source folder can go)."""
+    import shutil
+
+    from anomdiff.models.pretrained import pretrained_problems
+
+    torch.manual_seed(3)
+    knn = build_model(ModelConfig.from_dict({"method": "knn"}, base=load_preset("tiny")), 1)
+    x, _ = images(0, 2, seed=0)
+    features = knn.patch_features(x)
+    knn.build_memory({0: features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])})
+    knn.save(tmp_path / "knn", metadata={"categories": ["a"]})
+    cfg = {"drdc": {"base_model": str(tmp_path / "knn"), "timesteps": 1, "ddim_steps": 1}}
+    model = tiny_drdc(cfg)
+    assert model.base.method == "knn" and model.base_frozen
+    out = model.training_loss({"image": x, "category_index": torch.zeros(2, dtype=torch.long)})
+    assert float(out["base"]) == 0.0 and not any(p.requires_grad for p in model.base.parameters())
+    probe, _ = images(0, 1, seed=5)
+    expected = knn.score({"image": probe})["anomaly_map"]
+    assert torch.equal(with_drdc(model, gamma=0.0).score({"image": probe})["anomaly_map"], expected)
+    model.save(tmp_path / "drdc", metadata={"categories": ["a"]})
+    shutil.rmtree(tmp_path / "knn")
+    loaded = load_model(tmp_path / "drdc")
+    assert sorted(p.name for p in (tmp_path / "drdc").iterdir()) == ["base", "config.json", "model.safetensors"]
+    assert torch.equal(loaded.score({"image": probe})["anomaly_map"], expected)
+    problems = pretrained_problems(ModelConfig.from_dict({"method": "drdc", **cfg}, base=load_preset("tiny")))
+    assert problems and problems[0].startswith("model.drdc.base_model: ") and "config.json is missing" in problems[0]

@@ -53,3 +53,15 @@ def test_tiny_counts_equal_a_materialised_build():
 def test_unknown_method_is_rejected_when_counting():
     with pytest.raises(ValueError, match="model.method must be one of .*, got 'prodiff'"):
         count_parameters("tiny", method="prodiff")
+
+
+def test_drdc_at_paper_size_counts_sd_inpainting_unet_autoencoder_and_base():
+    counts = count_parameters("sd15", method="drdc")
+    sd15 = count_parameters("sd15")
+    # SD inpainting's UNet: SD1.5's plus 5 more input channels into conv_in (320 filters of 3 x 3)
+    assert counts["unet"] == sd15["unet"] + 5 * 320 * 9 == 859_535_364
+    assert counts["vae"] == sd15["vae"] and counts["sg"] == 0
+    assert counts["base"] == count_parameters("sd15", method="proad")["total"]
+    assert counts["total"] == counts["unet"] + counts["vae"] + counts["base"] + counts["context"]
+    tiny = count_parameters("tiny", method="drdc")
+    assert tiny["vae"] == 0 and tiny["unet"] < 2_000_000  # pixel space at tiny: no autoencoder

@@ -253,7 +253,9 @@ class DRDCConfig(Section):
     """DRDC (``method: drdc``; ``anomdiff/models/drdc.py``): a base model's heatmap refined by inpainting.
 
     Training: ``base_method`` (a gradient-trained method, Pro-AD by default) trains in the same run
-    beside the inpainting UNet and a category head (``category_weight`` x its cross-entropy). The
+    beside the inpainting UNet and a category head (``category_weight`` x its cross-entropy), or
+    ``base_model``, a model folder exported by ``anomdiff train`` (any method), gives the base map
+    frozen. The
     inpainter works in ``space``: ``latent`` (SD inpainting's layout: noisy latent, masked-image latent
     and mask in, ``2 x latent_channels + 1`` channels; weights from ``pretrained``, a diffusers folder or
     Hub id with ``unet/`` and ``vae/``) or ``pixel`` (3 + 3 + 1 channels; the tiny preset, whose small
@@ -266,10 +268,11 @@ class DRDCConfig(Section):
     base's by ``gamma``. Image score: mean of the top ``top_fraction`` of the fused map."""
 
     base_method: str = "proad"
+    base_model: str | None = None
     space: str = "latent"
     pretrained: str | None = None
     mask_sets: int = 4
-    patch: int = 16
+    patch: int = 32
     timesteps: int = 3
     start_timestep: int = 600
     ddim_steps: int = 10

@@ -128,14 +128,23 @@ class DRDCModel(nn.Module):
     stages = ("vae", "denoiser")  # latent space; a pixel-space instance has the denoiser stage only
     loads_diffusion_weights = False  # its inpainting weights come from model.drdc.pretrained
 
-    def __init__(self, cfg: ModelConfig, num_categories: int):
+    def __init__(self, cfg: ModelConfig, num_categories: int, base: nn.Module | None = None):
         super().__init__()
-        from anomdiff.models import build_model  # the registry imports this module
+        from anomdiff.models import build_model, load_model  # the registry imports this module
 
         self.cfg, self.num_categories = cfg, num_categories
         d = cfg.drdc
-        base_cfg = ModelConfig.from_dict({"method": d.base_method, "conditioning": "label_free"}, base=cfg)
-        self.base = build_model(base_cfg, num_categories)
+        # An exported base (or the one a saved DRDC model holds) stays frozen; otherwise it trains here.
+        self.base_frozen = base is not None or d.base_model is not None
+        if base is None and d.base_model is not None:
+            base = load_model(Path(d.base_model).expanduser())
+        if base is None:
+            base = build_model(ModelConfig.from_dict({"method": d.base_method, "conditioning": "label_free"},
+                                                     base=cfg), num_categories)
+        elif base.cfg.image_size != cfg.image_size:
+            raise ValueError(f"model.drdc.base_model: the base model scores {base.cfg.image_size} px images, this "
+                             f"model.image_size is {cfg.image_size}")
+        self.base = base
         if d.space == "latent":
             if d.pretrained:
                 unet, vae = load_pretrained(d.pretrained, "model.drdc.pretrained")
@@ -181,7 +190,8 @@ class DRDCModel(nn.Module):
         if stage == "vae":
             self.vae.requires_grad_(True)
         else:
-            self.base.set_stage("denoiser")
+            if not self.base_frozen:
+                self.base.set_stage("denoiser")
             for part in (self.inpainter, self.category_head):
                 part.requires_grad_(True)
             self.category_tokens.requires_grad_(True)
@@ -258,7 +268,7 @@ class DRDCModel(nn.Module):
         (timesteps up to ``diffusion.train_max_timestep``) + ``category_weight`` x the category head's
         cross-entropy."""
         x0, d = batch["image"], self.cfg.drdc
-        base = self.base.training_loss(batch)
+        base = x0.new_zeros(()) if self.base_frozen else self.base.training_loss(batch)["loss"]
         masks = random_masks(len(x0), *x0.shape[-2:], d.patch, device=x0.device)
         filled = context_fill(x0, masks, d.patch / 2)
         logits = self.category_logits(filled)
@@ -275,8 +285,8 @@ class DRDCModel(nn.Module):
             eps = self.inpainter(torch.cat([self.scheduler.add_noise(z0, noise, t), known, grid], 1), t,
                                  encoder_hidden_states=context).sample
         inpainting = ((eps.float() - noise) ** 2 * grid).sum() / (grid.sum() * z0.shape[1]).clamp_min(1.0)
-        loss = base["loss"] + inpainting + d.category_weight * category
-        return {"loss": loss, "base": base["loss"].detach(), "inpainting": inpainting.detach(),
+        loss = base + inpainting + d.category_weight * category
+        return {"loss": loss, "base": base.detach(), "inpainting": inpainting.detach(),
                 "category": category.detach()}
 
     def vae_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -362,16 +372,19 @@ class DRDCModel(nn.Module):
     # --- persistence ---------------------------------------------------------------------------------
 
     def save(self, directory: str | Path, metadata: dict | None = None) -> Path:
-        return save_model(self, directory, metadata)
+        """The base model in ``base/`` (a model folder of its own method), the rest beside it."""
+        return save_model(self, directory, metadata, parts=("base",))
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> DRDCModel:
+        from anomdiff.models import load_model
+
         info = read_saved_config(directory)
         cfg = ModelConfig.from_dict(info["config"])
-        plain = ModelConfig.from_dict({"backbone": {"pretrained": None}, "drdc": {"pretrained": None}}, base=cfg)
-        model = cls(plain, info["num_categories"])
-        model.load_state_dict(load_weights(directory, device, expected=model.state_dict()), strict=True)
+        plain = ModelConfig.from_dict({"backbone": {"pretrained": None},
+                                       "drdc": {"pretrained": None, "base_model": None}}, base=cfg)
+        model = cls(plain, info["num_categories"], base=load_model(Path(directory) / "base", device))
+        own = {k: v for k, v in model.state_dict().items() if not k.startswith("base.")}
+        model.load_state_dict(load_weights(directory, device, expected=own), strict=False)
         model.cfg, model.metadata = cfg, info.get("metadata", {})
-        model.base.cfg = ModelConfig.from_dict({"method": cfg.drdc.base_method, "conditioning": "label_free"},
-                                               base=cfg)
         return model.to(device).eval()

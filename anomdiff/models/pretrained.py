@@ -96,6 +96,13 @@ def pretrained_problems(cfg, diffusion: bool = True) -> list[str]:
         problems += _diffusers_problems("model.pretrained", cfg.pretrained)
     if cfg.method == "drdc" and cfg.drdc.space == "latent" and cfg.drdc.pretrained:
         problems += _diffusers_problems("model.drdc.pretrained", cfg.drdc.pretrained)
+    if cfg.method == "drdc" and cfg.drdc.base_model:
+        from anomdiff.models.saved import read_saved_config
+
+        try:
+            read_saved_config(Path(cfg.drdc.base_model).expanduser())
+        except (OSError, ValueError) as exc:
+            problems.append(f"model.drdc.base_model: {exc}")
     backbone = cfg.backbone
     if backbone.pretrained == "hub":
         import timm

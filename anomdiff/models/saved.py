@@ -16,16 +16,22 @@ from anomdiff.atomic import atomic_directory
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
-def save_model(model: torch.nn.Module, directory: str | Path, metadata: dict | None = None) -> Path:
+def save_model(model: torch.nn.Module, directory: str | Path, metadata: dict | None = None,
+               parts: tuple[str, ...] = ()) -> Path:
     """Write ``model`` (which has ``method``, ``num_categories``, ``cfg`` and ``metadata``) to
-    ``directory``, replacing the folder as a whole and atomically (``anomdiff.atomic``)."""
+    ``directory``, replacing the folder as a whole and atomically (``anomdiff.atomic``). ``parts``
+    names submodules that are models of their own: each is saved in a sub-folder of that name (by its
+    own ``save``) and left out of this model's weights."""
     directory = Path(directory)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not k.startswith(tuple(f"{part}." for part in parts))}
     info = {"method": model.method, "num_categories": model.num_categories, "config": model.cfg.to_dict(),
             "metadata": metadata if metadata is not None else model.metadata}
     with atomic_directory(directory) as staging:  # a reader sees the old model or the new one, whole
         save_file(state, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         (staging / CONFIG_FILE).write_text(json.dumps(info, indent=2))
+        for part in parts:
+            getattr(model, part).save(staging / part, metadata={})
     return directory
 
 
