@@ -59,11 +59,15 @@ class ZeroConfig(Section):
 @dataclass
 class TrainConfig(Section):
     """Ray Train workers and the optimisation schedule (steps count optimizer steps; ``schedule``
-    ``cosine`` warms up over the first 10% of each stage's steps and anneals to zero, or ``constant``)."""
+    ``cosine`` warms up over the first 10% of each stage's steps and anneals to zero, or ``constant``).
+
+    ``resource_wait_s``: how long the start may wait for an autoscaler to add the nodes the workers
+    need (their resources are requested from it); 0 refuses at once what the cluster does not have."""
 
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
+    resource_wait_s: float = 0.0
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1.0e-4
@@ -87,6 +91,8 @@ class TrainConfig(Section):
         for name in ("lr", "vae_lr", "cpus_per_worker", "grad_clip"):
             if not 0 < getattr(self, name) < math.inf:  # nan fails every comparison
                 raise ValueError(f"train.{name} must be a positive finite number, got {getattr(self, name)}")
+        if not 0 <= self.resource_wait_s < math.inf:
+            raise ValueError(f"train.resource_wait_s must be a finite number >= 0, got {self.resource_wait_s}")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"train.weight_decay must be a finite number >= 0, got {self.weight_decay}")
 

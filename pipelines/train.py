@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
+import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -86,13 +87,31 @@ def check_resources(cfg: ExperimentConfig, spec: DataSpec) -> None:
     """Refuse a worker count the cluster cannot place, instead of waiting forever, and a training
     cache the object store cannot hold."""
     t = cfg.train
-    available = ray.cluster_resources()
     need = {"CPU": t.num_workers * t.cpus_per_worker, "GPU": t.num_workers if t.use_gpu else 0}
-    for resource, amount in need.items():
-        if amount > available.get(resource, 0):
-            raise ValueError(
-                f"train.num_workers={t.num_workers} needs {amount:g} {resource} but the cluster has "
-                f"{available.get(resource, 0):g}; lower train.num_workers or train.cpus_per_worker")
+
+    def shortfall() -> tuple[str, float, float] | None:
+        available = ray.cluster_resources()
+        return next(((r, n, available.get(r, 0)) for r, n in need.items() if n > available.get(r, 0)), None)
+
+    short = shortfall()
+    if short and t.resource_wait_s > 0:  # an autoscaling cluster adds nodes when asked
+        from ray.autoscaler.sdk import request_resources
+
+        worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+        request_resources(bundles=[worker] * t.num_workers)
+        stage.progress(f"[train] {short[1]:g} {short[0]} needed, {short[2]:g} in the cluster: asked the autoscaler "
+                       f"for them, waiting up to {t.resource_wait_s:g} s (train.resource_wait_s)")
+        deadline = time.monotonic() + t.resource_wait_s
+        while short and time.monotonic() < deadline:
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+            short = shortfall()
+    if short:
+        waited = f" after {t.resource_wait_s:g} s of waiting for the autoscaler" if t.resource_wait_s else ""
+        raise ValueError(
+            f"train.num_workers={t.num_workers} needs {short[1]:g} {short[0]} but the cluster has {short[2]:g}"
+            f"{waited}; lower train.num_workers or train.cpus_per_worker"
+            + ("" if t.resource_wait_s else ", or let an autoscaler add nodes (train.resource_wait_s)"))
+    available = ray.cluster_resources()
     if cfg.data.cache:
         need, store = spec.decoded_train_bytes(), available.get("object_store_memory", 0)
         if need > store / 2:

@@ -88,6 +88,31 @@ def test_more_workers_than_the_cluster_can_place_is_refused(dataset, tmp_path, m
     train.preflight(tiny_config(dataset, tmp_path / "run", "train.num_workers=1"))
 
 
+def test_an_autoscaling_cluster_is_asked_for_the_workers_and_waited_for_within_the_bound(dataset, tmp_path,
+                                                                                          monkeypatch):
+    import ray.autoscaler.sdk
+
+    from pipelines import train
+
+    asked, calls = [], []
+
+    def growing() -> dict:  # a node arrives after the first two looks
+        calls.append(1)
+        return {"CPU": 2.0 if len(calls) < 3 else 8.0, "object_store_memory": 1e12}
+
+    monkeypatch.setattr(train.ray, "cluster_resources", growing)
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: asked.append(bundles))
+    monkeypatch.setattr(train.time, "sleep", lambda seconds: None)
+    cfg = tiny_config(dataset, tmp_path / "run", "train.num_workers=8", "train.resource_wait_s=30")
+    train.check_resources(cfg, train.preflight(cfg))
+    assert asked == [[{"CPU": 0.5}] * 8] and len(calls) >= 3
+    monkeypatch.setattr(train.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    clock = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(train.time, "monotonic", lambda: next(clock))
+    with pytest.raises(ValueError, match="needs 4 CPU but the cluster has 2 after 30 s of waiting for the autoscaler"):
+        train.check_resources(cfg, train.preflight(cfg))
+
+
 def test_a_training_cache_the_object_store_cannot_hold_is_refused(dataset, tmp_path, monkeypatch):
     from pipelines import train
 
