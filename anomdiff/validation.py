@@ -31,12 +31,13 @@ def paste_defects(images: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.
 
 
 @torch.no_grad()
-def validate(model, batches: Iterable[dict], max_images: int, seed: int = 0) -> dict:
-    """Score held-out normals and their defective copies; returns AUROCs, threshold, score range."""
-    scores, labels, categories, maps, masks = [], [], [], [], []
+def score_validation(model, batches: Iterable[dict], max_images: int | None = None, seed: int = 0) -> dict:
+    """Score held-out normals and their defective copies (up to ``max_images`` normals; all of
+    ``batches`` when ``None``): one part of the validation set, as arrays :func:`summarise` pools."""
+    scores, labels, maps, masks = [], [], [], []
     seen = 0
     for batch_number, batch in enumerate(batches):
-        take = min(len(batch["image"]), max_images - seen)
+        take = len(batch["image"]) if max_images is None else min(len(batch["image"]), max_images - seen)
         if take <= 0:
             break
         normal = {"image": batch["image"][:take], "category_index": batch["category_index"][:take]}
@@ -48,18 +49,32 @@ def validate(model, batches: Iterable[dict], max_images: int, seed: int = 0) -> 
             maps.append(out["anomaly_map"].float().cpu().numpy())
             masks.append(mask[:, 0].cpu().numpy())
             labels.append(np.full(take, label))
-            categories.append(normal["category_index"].cpu().numpy())
         seen += take
-    if seen == 0:
+    if not seen:
+        return {"images": 0}
+    return {"images": seen, "scores": np.concatenate(scores), "labels": np.concatenate(labels),
+            "maps": np.concatenate(maps), "masks": np.concatenate(masks)}
+
+
+def summarise(parts: list[dict]) -> dict:
+    """The validation result of the pooled parts (one per worker): AUROCs, threshold, score range."""
+    parts = [p for p in parts if p["images"]]
+    if not parts:
         raise ValueError("the validation split is empty: raise data.validation_fraction")
-    scores, labels = np.concatenate(scores), np.concatenate(labels)
-    maps, masks = np.concatenate(maps), np.concatenate(masks)
+    scores, labels = np.concatenate([p["scores"] for p in parts]), np.concatenate([p["labels"] for p in parts])
+    maps, masks = np.concatenate([p["maps"] for p in parts]), np.concatenate([p["masks"] for p in parts])
     # One pooled "category": selection wants one number, and per-category sets are tiny here.
     doc = metrics.compute(np.zeros(len(scores), dtype=int), scores, labels, maps, masks)["mean"]
     return {
         "val_image_auroc": doc["image_auroc"],
         "val_pixel_auroc": doc["pixel_auroc"],
-        "val_images": int(seen),
+        "val_images": int(sum(p["images"] for p in parts)),
         "threshold": scoring.threshold_from_validation(scores[labels == 0], scores[labels == 1]),
         "score_range": [float(v) for v in metrics.calibrate_score_range(maps[labels == 0])],
     }
+
+
+def validate(model, batches: Iterable[dict], max_images: int, seed: int = 0) -> dict:
+    """Score held-out normals and their defective copies in one process; returns AUROCs, threshold,
+    score range."""
+    return summarise([score_validation(model, batches, max_images, seed)])

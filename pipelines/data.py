@@ -102,10 +102,11 @@ def train_dataset(spec: DataSpec) -> ray.data.Dataset:
     return data.materialize() if spec.config.cache else data
 
 
-def validation_dataset(spec: DataSpec) -> ray.data.Dataset:
-    """The held-out training normals, decoded, as tensors only: model selection and thresholds use
-    these, never test."""
-    return training_normals(spec, validation=True).drop_columns(["sample_id"])
+def validation_dataset(spec: DataSpec, limit: int | None = None) -> ray.data.Dataset:
+    """The held-out training normals (the first ``limit`` of them), decoded, as tensors only: model
+    selection and thresholds use these, never test."""
+    normals = training_normals(spec, validation=True).drop_columns(["sample_id"])
+    return normals.limit(limit) if limit is not None else normals
 
 
 def test_dataset(spec: DataSpec, categories: list[str] | None = None,

@@ -152,7 +152,7 @@ def train_worker(config: dict) -> None:
     import torch
 
     from anomdiff.models import build_model
-    from anomdiff.validation import validate
+    from anomdiff.validation import score_validation
 
     cfg = ExperimentConfig.from_dict(config["experiment"])
     categories = config["categories"]
@@ -199,7 +199,9 @@ def train_worker(config: dict) -> None:
         if step % cfg.train.checkpoint_every and step != cfg.train.steps:
             return
         engine.eval()
-        result = validate(engine.module, validation_batches(), cfg.train.validation_images, seed=cfg.seed)
+        # Each rank scores its own share of the validation set; rank 0 pools the shares.
+        part = score_validation(engine.module, validation_batches(), seed=cfg.seed + 100_003 * rank)
+        result = _pooled_validation(part, rank)
         engine.train()
         metrics = {"step": step, **{k: v for k, v in result.items() if k != "score_range"}}
         with tempfile.TemporaryDirectory() as directory:
@@ -277,6 +279,29 @@ def bank_worker(config: dict) -> None:
         ray.train.report(shared[0], checkpoint=checkpoint)
 
 
+def _pooled_validation(part: dict, rank: int) -> dict:
+    """The validation result of every rank's part: gathered on rank 0, summarised there, the result
+    sent back to every rank (all of them report the same metrics to Ray Train)."""
+    import torch.distributed as dist
+
+    from anomdiff.validation import summarise
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return summarise([part])
+    parts = [None] * dist.get_world_size() if rank == 0 else None
+    dist.gather_object(part, parts, dst=0)
+    shared = [None]
+    if rank == 0:
+        try:
+            shared = [summarise(parts)]
+        except ValueError as exc:  # every rank must leave the collective, then fail alike
+            shared = [str(exc)]
+    dist.broadcast_object_list(shared, src=0)
+    if isinstance(shared[0], str):
+        raise ValueError(shared[0])
+    return shared[0]
+
+
 def _report_validation(step: int, result: dict, run: dict | None = None) -> None:
     """Rank 0's validation line, and its metrics in the job's MLflow run (the active one, or ``run``)."""
     stage.progress(f"[validate] step {step}: image AUROC {result['val_image_auroc']:.3f}, pixel AUROC "
@@ -318,7 +343,8 @@ def export_model(cfg: ExperimentConfig, categories: list[str], checkpoint_dir: P
         model.load_state_dict(consolidated_state_dict(checkpoint_dir, cfg.train.zero.stage), strict=True)
     metadata = {"categories": categories, "threshold": state["threshold"], "score_range": state["score_range"],
                 "step": state["step"], SELECTION_METRIC: state[SELECTION_METRIC],
-                "val_pixel_auroc": state["val_pixel_auroc"], "experiment": cfg.name}
+                "val_pixel_auroc": state["val_pixel_auroc"], "val_images": state.get("val_images"),
+                "experiment": cfg.name}
     model.save(out, metadata=metadata)  # atomic: the previous model stays whole until the new one is in
     return metadata
 
@@ -340,7 +366,8 @@ def run(cfg: ExperimentConfig, address: str | None = None) -> dict:
     gradient_free = not getattr(model_class(cfg.model.method), "trained_by_gradient", True)
     # A memory bank wants each training image once: category balancing would only repeat rows.
     bank_spec = replace(spec, config=replace(spec.config, balanced=False))
-    datasets = {"train": train_dataset(bank_spec if gradient_free else spec), "validation": validation_dataset(spec)}
+    datasets = {"train": train_dataset(bank_spec if gradient_free else spec),
+                "validation": validation_dataset(spec, limit=cfg.train.validation_images)}
     run_ref = tracking.open_job_run(cfg.tracking, cfg.name, out / "mlflow_run_id", experiment=cfg)
     t = cfg.train
     per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
@@ -353,7 +380,9 @@ def run(cfg: ExperimentConfig, address: str | None = None) -> dict:
         run_config=RunConfig(name="ray", storage_path=str(out), checkpoint_config=keep_best,
                              failure_config=FailureConfig(max_failures=t.max_failures)),
         datasets=datasets,
-        dataset_config=(EveryRowDataConfig if gradient_free else DataConfig)(datasets_to_split=["train"]),
+        # The gradient path splits the validation set too: every rank scores its share at a checkpoint.
+        dataset_config=EveryRowDataConfig(datasets_to_split=["train"]) if gradient_free
+        else DataConfig(datasets_to_split=["train", "validation"]),
     )
     result = trainer.fit()
     best_checkpoint, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC])

@@ -181,6 +181,7 @@ def test_proad_trains_its_one_stage_with_only_the_method_changed_and_evaluates(l
     model = load_model(tmp_path / "run" / "model")
     assert model.method == "proad" and model.stages == ("denoiser",)
     assert metadata["step"] in (2, 4) and 0.0 <= metadata["val_image_auroc"] <= 1.0  # chosen on validation
+    assert metadata["val_images"] == 4  # train.validation_images, split between the 2 workers, not 2 x 4
     import mlflow
 
     client = mlflow.MlflowClient(cfg.tracking.tracking_uri)
