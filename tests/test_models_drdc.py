@@ -167,7 +167,7 @@ def test_pretrained_inpainting_weights_load_and_a_plain_unet_is_refused(tmp_path
     ({"filter_size": 4}, "filter_size must be odd"),
     ({"gamma": 1.5}, r"gamma must be in \[0, 1\]"),
     ({"space": "voxel"}, "space must be one of pixel, latent"),
-    ({"base_method": "knn"}, "base_method must be a method trained by gradient"),
+    ({"base_method": "diad"}, "the base trained in the same run is proad .* as model.drdc.base_model"),
     ({"scales": []}, "scales must be a non-empty list"),
 ])
 def test_bad_drdc_keys_are_named(drdc, message):

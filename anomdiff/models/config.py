@@ -252,11 +252,10 @@ DRDC_SPACES = ("pixel", "latent")
 class DRDCConfig(Section):
     """DRDC (``method: drdc``; ``anomdiff/models/drdc.py``): a base model's heatmap refined by inpainting.
 
-    Training: ``base_method`` (a gradient-trained method, Pro-AD by default) trains in the same run
-    beside the inpainting UNet and a category head (``category_weight`` x its cross-entropy), or
-    ``base_model``, a model folder exported by ``anomdiff train`` (any method), gives the base map
-    frozen. The
-    inpainter works in ``space``: ``latent`` (SD inpainting's layout: noisy latent, masked-image latent
+    Training: ``base_method`` (Pro-AD, a one-stage method) trains in the same stage as the inpainting
+    UNet and a category head (``category_weight`` x its cross-entropy), or ``base_model``, a model
+    folder exported by ``anomdiff train`` (any method), gives the base map frozen. The inpainter
+    works in ``space``: ``latent`` (SD inpainting's layout: noisy latent, masked-image latent
     and mask in, ``2 x latent_channels + 1`` channels; weights from ``pretrained``, a diffusers folder or
     Hub id with ``unet/`` and ``vae/``) or ``pixel`` (3 + 3 + 1 channels; the tiny preset, whose small
     autoencoder would blur every texture it rebuilds).
@@ -393,9 +392,10 @@ class ModelConfig(Section):
 
     def _validate_drdc(self) -> None:
         d = self.drdc
-        if d.base_method not in ("proad", "diad", "dpdiff"):
-            raise ValueError(f"model.drdc.base_method must be a method trained by gradient (proad, diad or dpdiff), "
-                             f"got {d.base_method!r}")
+        if d.base_method != "proad":
+            raise ValueError(f"model.drdc.base_method: the base trained in the same run is proad (one stage, beside "
+                             f"the inpainter), got {d.base_method!r}; give any other method's exported model as "
+                             "model.drdc.base_model")
         top = self.diffusion.train_max_timestep
         top = self.diffusion.num_train_timesteps - 1 if top is None else top
         if not d.timesteps <= d.start_timestep <= top:
