@@ -71,7 +71,8 @@ def read_rows(spec: DataSpec, split: str, categories: list[str] | None = None) -
     context = ray.data.DataContext.get_current()
     use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
-        return ray.data.read_parquet(paths).select_columns(list(COLUMNS))
+        # Columns pruned in the read itself (a select_columns after it is an operator of its own).
+        return ray.data.read_parquet(paths, columns=list(COLUMNS))
     finally:
         context.use_datasource_v2 = use_v2
 
@@ -84,7 +85,9 @@ def _decoded(rows: ray.data.Dataset, spec: DataSpec, categories: list[str], uint
 def training_normals(spec: DataSpec, validation: bool, uint8: bool = False) -> ray.data.Dataset:
     """Decoded training-split rows: the validation hold-out (``validation=True``) or the rest."""
     select = SelectHoldout(spec.config.validation_fraction, spec.config.validation_seed, validation)
-    rows = read_rows(spec, "train").map_batches(select, batch_format="pyarrow", num_cpus=spec.config.decode_cpus)
+    # The decode's batch size and CPUs, so that Ray Data fuses the selection into the decoding task.
+    rows = read_rows(spec, "train").map_batches(select, batch_format="pyarrow", batch_size=spec.batch_size,
+                                                num_cpus=spec.config.decode_cpus)
     return _decoded(rows, spec, spec.categories, uint8)
 
 
