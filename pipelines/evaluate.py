@@ -4,10 +4,12 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python -m pipelines.evaluate /runs/x/model /data/realiad evaluate.batch_size=32 scorers=8 use_gpu=true
 
-Ray Data streams the test shards through a pool of scoring actors (each loads the model once);
-the driver folds every scored batch into streaming metrics (memory independent of the number of
-pixels) and keeps only the worst cases for the figure. Overrides: ``evaluate.*`` keys, inference
-keys of the model (``model.diffusion.ddim_steps=...``), ``scorers`` and ``use_gpu``.
+Ray Data streams the test shards through a pool of scoring actors (each loads the model once). On
+the default streaming path each actor folds its batches' maps into streaming metrics and sends the
+driver only those partial metrics and the worst cases it newly keeps, so the driver's work and
+memory do not grow with the pixels; ``evaluate.streaming=false`` (exact metrics) ships every map.
+Overrides: ``evaluate.*`` keys, inference keys of the model (``model.diffusion.ddim_steps=...``),
+``scorers`` and ``use_gpu``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import pickle
 from pathlib import Path
 
 import mlflow
@@ -36,9 +39,12 @@ THUMBNAIL = 128
 
 
 class Scorer:
-    """Ray Data actor: loads the model once, scores decoded batches."""
+    """Ray Data actor: loads the model once and scores decoded batches. With ``fold`` (the streaming
+    path: ``score_range``, ``num_bins``, ``worst_cases``, ``categories``) it folds each batch into
+    streaming metrics itself and returns one row per batch, its partial metrics and the worst cases
+    it has newly admitted, so full-resolution maps never leave the actor; without, one row per image."""
 
-    def __init__(self, model_dir: str, model_overrides: dict, use_gpu: bool):
+    def __init__(self, model_dir: str, model_overrides: dict, use_gpu: bool, fold: dict | None = None):
         import torch
 
         from anomdiff.models import load_model
@@ -48,6 +54,8 @@ class Scorer:
         self.model = load_model(model_dir, device=self.device)
         if model_overrides:
             self.model.cfg = ModelConfig.from_dict(model_overrides, base=self.model.cfg)
+        self.fold = fold
+        self.worst = WorstCases(fold["worst_cases"]) if fold else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
@@ -57,7 +65,7 @@ class Scorer:
         out = self.model.score(inputs)
         images = ((batch["image"].transpose(0, 2, 3, 1) + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
         stride = max(1, images.shape[1] // THUMBNAIL)
-        return {
+        scored = {
             "sample_id": batch["sample_id"],
             "category_index": batch["category_index"],
             "label": batch["label"],
@@ -66,6 +74,17 @@ class Scorer:
             "mask": batch["mask"][:, 0].astype(np.uint8),
             "thumbnail": images[:, ::stride, ::stride],
         }
+        if self.fold is None:
+            return scored
+        categories = self.fold["categories"]
+        partial = metrics.StreamingMetrics(score_range=tuple(self.fold["score_range"]),
+                                           num_bins=self.fold["num_bins"])
+        partial.update(np.array([categories[i] for i in scored["category_index"]]), scored["image_score"],
+                       scored["label"], scored["anomaly_map"], scored["mask"])
+        admitted = self.worst.offer(scored, categories)
+        return {"images": np.array([len(scored["label"])]),
+                "partial": np.array([pickle.dumps(partial)], dtype=object),
+                "cases": np.array([pickle.dumps(admitted)], dtype=object)}
 
 
 class WorstCases:
@@ -74,22 +93,33 @@ class WorstCases:
     def __init__(self, k: int):
         self.k, self.normal, self.anomalous, self.counter = k, [], [], 0
 
-    def offer(self, batch: dict, categories: list[str]) -> None:
+    def _admits(self, score: float, label: int) -> bool:
+        heap = self.anomalous if label else self.normal
+        return self.k > 0 and (len(heap) < self.k or (-score if label else score) > heap[0][0])
+
+    def add(self, case: report.Case) -> bool:
+        """Keep ``case`` if it is among the worst so far; returns whether it was kept."""
+        if not self._admits(case.score, case.label):
+            return False
+        heap = self.anomalous if case.label else self.normal
+        self.counter += 1
+        entry = (-case.score if case.label else case.score, self.counter, case)
+        (heapq.heappush if len(heap) < self.k else heapq.heapreplace)(heap, entry)
+        return True
+
+    def offer(self, batch: dict, categories: list[str]) -> list[report.Case]:
+        """Offer a scored batch's images; returns the cases kept (built only for those)."""
+        kept = []
         for i, score in enumerate(batch["image_score"]):
             label = int(batch["label"][i])
-            heap = self.anomalous if label else self.normal
-            badness = -float(score) if label else float(score)
-            if len(heap) == self.k and badness <= heap[0][0]:
+            if not self._admits(float(score), label):
                 continue
             case = report.Case(batch["thumbnail"][i], batch["anomaly_map"][i], batch["mask"][i] if label else None,
                                float(score), label, categories[int(batch["category_index"][i])],
                                str(batch["sample_id"][i]))
-            self.counter += 1
-            entry = (badness, self.counter, case)
-            if len(heap) < self.k:
-                heapq.heappush(heap, entry)
-            else:
-                heapq.heapreplace(heap, entry)
+            if self.add(case):
+                kept.append(case)
+        return kept
 
     def cases(self) -> list[report.Case]:
         return [c for _, _, c in sorted(self.normal, reverse=True)] + [c for _, _, c in sorted(self.anomalous,
@@ -126,32 +156,38 @@ def evaluate(model_dir: str, data_path: str, out_dir: str | None = None, overrid
         raise ValueError(f"{data_path} has none of the model's {len(categories)} categories")
     out = Path(out_dir or Path(model_dir).parent / "evaluation")
 
+    score_range = tuple(meta["score_range"]) if eval_cfg.streaming and meta.get("score_range") else None
+    # Streaming: the scoring actors fold their maps into metrics; exact: every map comes here.
+    fold = {"score_range": score_range, "num_bins": eval_cfg.num_bins, "worst_cases": eval_cfg.worst_cases,
+            "categories": categories} if score_range else None
     runtime.start_ray(address)
     scored = test_dataset(spec, categories=categories, subset=evaluated).map_batches(
         Scorer, fn_constructor_kwargs={"model_dir": str(model_dir), "model_overrides": model_overrides,
-                                       "use_gpu": use_gpu},
+                                       "use_gpu": use_gpu, "fold": fold},
         batch_size=eval_cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=scorers),
         num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else 0.5)
 
-    score_range = tuple(meta["score_range"]) if eval_cfg.streaming and meta.get("score_range") else None
-    accumulator = metrics.StreamingMetrics(score_range=score_range, num_bins=eval_cfg.num_bins) if score_range else None
+    accumulator = metrics.StreamingMetrics(score_range=score_range, num_bins=eval_cfg.num_bins) if fold else None
     exact: dict[str, list] = {"categories": [], "scores": [], "labels": [], "maps": [], "masks": []}
     worst = WorstCases(eval_cfg.worst_cases)
     seen = 0
-    for batch in scored.iter_batches(batch_size=eval_cfg.batch_size, batch_format="numpy"):
-        names = np.array([categories[i] for i in batch["category_index"]])
-        if accumulator is not None:
-            accumulator.update(names, batch["image_score"], batch["label"], batch["anomaly_map"], batch["mask"])
-        else:
+    if fold:
+        for part in scored.iter_rows():
+            accumulator.merge(pickle.loads(part["partial"]))  # our own actors' objects, not user input
+            for case in pickle.loads(part["cases"]):
+                worst.add(case)
+            seen += int(part["images"])
+            print(f"[evaluate] scored {seen} images", flush=True)
+        doc, curves = accumulator.compute(), accumulator.curves()
+    else:
+        for batch in scored.iter_batches(batch_size=eval_cfg.batch_size, batch_format="numpy"):
+            names = np.array([categories[i] for i in batch["category_index"]])
             for key, value in zip(exact, (names, batch["image_score"], batch["label"], batch["anomaly_map"],
                                           batch["mask"]), strict=True):
                 exact[key].append(value)
-        worst.offer(batch, categories)
-        seen += len(names)
-        print(f"[evaluate] scored {seen} images", flush=True)
-    if accumulator is not None:
-        doc, curves = accumulator.compute(), accumulator.curves()
-    else:
+            worst.offer(batch, categories)
+            seen += len(names)
+            print(f"[evaluate] scored {seen} images", flush=True)
         arrays = {k: np.concatenate(v) for k, v in exact.items()}
         args = (arrays["categories"], arrays["scores"], arrays["labels"], arrays["maps"], arrays["masks"])
         doc, curves = metrics.compute(*args), metrics.compute_curves(*args)

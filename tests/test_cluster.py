@@ -298,11 +298,11 @@ EVALUATE_KILLED = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import anomdiff.metrics
-update = anomdiff.metrics.StreamingMetrics.update
-def update_then_die(self, *args):
-    update(self, *args)
-    os.kill(os.getpid(), signal.SIGKILL)  # a batch of maps folded in, the rest still to come
-anomdiff.metrics.StreamingMetrics.update = update_then_die
+merge = anomdiff.metrics.StreamingMetrics.merge
+def merge_then_die(self, other):
+    merge(self, other)
+    os.kill(os.getpid(), signal.SIGKILL)  # one scoring actor's batch folded in, the rest still to come
+anomdiff.metrics.StreamingMetrics.merge = merge_then_die
 from pipelines.evaluate import evaluate
 evaluate({model!r}, {data!r}, {out!r}, ["evaluate.batch_size=2"])
 """

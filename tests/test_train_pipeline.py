@@ -56,6 +56,49 @@ def test_zero3_on_two_workers_exports_a_model_that_resumes_and_evaluates(local_r
     assert doc["num_images"] == 12 and set(doc["per_category"]) == set(model.metadata["categories"])
     assert json.loads((tmp_path / "report" / "metrics.json").read_text()) == doc
     assert (tmp_path / "report" / "worst_cases.png").is_file()
+    exact = evaluate.evaluate(str(tmp_path / "run" / "model"), str(dataset), str(tmp_path / "exact"),
+                              ["evaluate.streaming=false"])  # every map to the driver
+    assert exact["mean"]["image_auroc"] == doc["mean"]["image_auroc"]
+    assert abs(exact["mean"]["pixel_auroc"] - doc["mean"]["pixel_auroc"]) < 0.01
+
+
+def test_a_streaming_scorer_sends_partial_metrics_and_new_worst_cases_but_no_maps(tmp_path):
+    """The scoring actor's side of evaluation: per batch one row of partial metrics and the worst
+    cases it newly keeps; merged, the partials equal the metrics of every map seen at once."""
+    import pickle
+
+    import numpy as np
+    import torch
+
+    from anomdiff.metrics import StreamingMetrics
+    from anomdiff.models import build_model
+    from anomdiff.models.config import ModelConfig, load_preset
+    from pipelines.evaluate import Scorer
+
+    torch.manual_seed(0)
+    knn = build_model(ModelConfig.from_dict({"method": "knn", "image_size": 32}, base=load_preset("tiny")), 2)
+    features = knn.patch_features(torch.rand(2, 3, 32, 32) * 2 - 1)
+    knn.build_memory({0: features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])})
+    knn.save(tmp_path / "knn", metadata={"categories": ["a", "b"]})
+    fold = {"score_range": (0.0, 20.0), "num_bins": 256, "worst_cases": 2, "categories": ["a", "b"]}
+    streaming, plain = Scorer(str(tmp_path / "knn"), {}, False, fold), Scorer(str(tmp_path / "knn"), {}, False)
+    rng = np.random.default_rng(0)
+    merged, whole, kept = StreamingMetrics(score_range=(0.0, 20.0), num_bins=256), None, []
+    for b in range(3):
+        masks = (rng.random((4, 1, 32, 32)) > 0.9).astype(np.uint8) * np.array([0, 1, 0, 1])[:, None, None, None]
+        batch = {"image": rng.uniform(-1, 1, (4, 3, 32, 32)).astype(np.float32), "sample_id": np.arange(4) + 4 * b,
+                 "category_index": np.array([0, 1, 0, 1]), "label": np.array([0, 1, 0, 1]), "mask": masks}
+        row = streaming(batch)
+        assert set(row) == {"images", "partial", "cases"} and len(row["partial"]) == 1  # no anomaly_map
+        merged.merge(pickle.loads(row["partial"][0]))
+        kept += pickle.loads(row["cases"][0])
+        out = plain(batch)
+        part = StreamingMetrics(score_range=(0.0, 20.0), num_bins=256)
+        part.update(np.array(["a", "b"])[out["category_index"]], out["image_score"], out["label"], out["anomaly_map"],
+                    out["mask"])
+        whole = part if whole is None else whole.merge(part)
+    assert merged.compute() == whole.compute()
+    assert 4 <= len(kept) <= 12 and all(case.anomaly_map.shape == (32, 32) for case in kept)
 
 
 def test_bad_runs_fail_before_training(dataset, tmp_path):
