@@ -77,18 +77,18 @@ def read_rows(spec: DataSpec, split: str, categories: list[str] | None = None) -
         context.use_datasource_v2 = use_v2
 
 
-def _decoded(rows: ray.data.Dataset, spec: DataSpec, categories: list[str], uint8: bool = False) -> ray.data.Dataset:
-    return rows.map_batches(DecodeBatch(spec.image_size, categories, uint8), batch_size=spec.batch_size,
+def _decoded(rows: ray.data.Dataset, spec: DataSpec, categories: list[str], training: bool = False) -> ray.data.Dataset:
+    return rows.map_batches(DecodeBatch(spec.image_size, categories, training), batch_size=spec.batch_size,
                             num_cpus=spec.config.decode_cpus, batch_format="pyarrow")
 
 
-def training_normals(spec: DataSpec, validation: bool, uint8: bool = False) -> ray.data.Dataset:
+def training_normals(spec: DataSpec, validation: bool, training: bool = False) -> ray.data.Dataset:
     """Decoded training-split rows: the validation hold-out (``validation=True``) or the rest."""
     select = SelectHoldout(spec.config.validation_fraction, spec.config.validation_seed, validation)
     # The decode's batch size and CPUs, so that Ray Data fuses the selection into the decoding task.
     rows = read_rows(spec, "train").map_batches(select, batch_format="pyarrow", batch_size=spec.batch_size,
                                                 num_cpus=spec.config.decode_cpus)
-    return _decoded(rows, spec, spec.categories, uint8)
+    return _decoded(rows, spec, spec.categories, training)
 
 
 def train_dataset(spec: DataSpec) -> ray.data.Dataset:
@@ -97,11 +97,10 @@ def train_dataset(spec: DataSpec) -> ray.data.Dataset:
     training step reads (all normal: no mask or label). With ``balanced``, each category's rows
     repeat so that every category contributes about as many samples per epoch as the largest.
     With ``cache``, the decoded rows are computed once and held in the object store."""
-    data = training_normals(spec, validation=False, uint8=True)
+    data = training_normals(spec, validation=False, training=True)
     if spec.config.balanced:
         repeat = RepeatByCategory(balancing_repeats(spec.train_counts()), spec.categories)
         data = data.map_batches(repeat, batch_format="numpy", num_cpus=spec.config.decode_cpus)
-    data = data.select_columns(["image", "category_index"])
     return data.materialize() if spec.config.cache else data
 
 

@@ -62,6 +62,17 @@ def kill_session(marker: str) -> None:
     psutil.wait_procs(list(victims.values()), timeout=20)
 
 
+def stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM a server's process group; SIGKILL it if it is still shutting down after 30 s (a loaded
+    machine can take that long)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def environment():
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
@@ -87,8 +98,7 @@ def mlflow_server(environment, tmp_path_factory):
         wait_for(lambda: _healthy(f"{url}/health"), 180, "mlflow server /health")
         yield url
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop_group(server)
 
 
 @pytest.fixture(scope="module")

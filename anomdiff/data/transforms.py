@@ -28,11 +28,13 @@ def unit_range(pixels):
 
 class DecodeBatch:
     """Callable for ``map_batches`` (``batch_format="pyarrow"``): decode, resize to ``image_size``,
-    normalise (unless ``uint8``: pixels as decoded), index categories."""
+    normalise, index categories. ``training``: only what a training step reads, the pixels as
+    decoded (uint8, normalised on the device) and the category index; no mask is decoded, since
+    training images are normal."""
 
-    def __init__(self, image_size: int, categories: Sequence[str], uint8: bool = False):
+    def __init__(self, image_size: int, categories: Sequence[str], training: bool = False):
         self.image_size = image_size
-        self.uint8 = uint8
+        self.uint8 = training
         self.categories = list(categories)
         self.index = {name: i for i, name in enumerate(self.categories)}
 
@@ -47,16 +49,19 @@ class DecodeBatch:
         heights, widths = rows.column("height").to_pylist(), rows.column("width").to_pylist()
         n = rows.num_rows
         images = np.empty((n, 3, self.image_size, self.image_size), np.uint8 if self.uint8 else np.float32)
-        masks = np.empty((n, 1, self.image_size, self.image_size), np.float32)
+        masks = None if self.uint8 else np.empty((n, 1, self.image_size, self.image_size), np.float32)
         for i in range(n):
             rgb = self._resize(decode_rgb(images_bytes[i]), nearest=False)
             images[i] = rgb.transpose(2, 0, 1) if self.uint8 else unit_range(rgb.transpose(2, 0, 1))
-            masks[i, 0] = self._resize(decode_mask(masks_bytes[i], heights[i], widths[i]), nearest=True)
+            if masks is not None:
+                masks[i, 0] = self._resize(decode_mask(masks_bytes[i], heights[i], widths[i]), nearest=True)
         try:
             category_index = np.array([self.index[c] for c in rows.column("category").to_pylist()], np.int64)
         except KeyError as exc:
             raise KeyError(f"category {exc.args[0]!r} is not among the model's {len(self.categories)} categories")\
                 from None
+        if masks is None:
+            return {"image": images, "category_index": category_index}
         return {
             "image": images,
             "mask": masks,

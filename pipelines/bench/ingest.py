@@ -35,7 +35,7 @@ def baseline_ingest(path: Path, image_size: int, batch_size: int, split: str = "
 
     manifest = read_manifest(path)
     categories = nested_subset(list(manifest["counts"]), None, 0)  # in the order of DataSpec.categories
-    decode = DecodeBatch(image_size, categories)
+    decode = DecodeBatch(image_size, categories, training=True)  # what the Ray path decodes for training
     select = SelectHoldout(validation_fraction, 0, validation=False)
     start, images = time.perf_counter(), 0
     for shard in shard_paths(path, manifest, split, categories):
