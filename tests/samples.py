@@ -28,3 +28,18 @@ def with_defects(clean: torch.Tensor, seed: int = 5) -> tuple[torch.Tensor, torc
     pairs = [paste_anomaly_float(((x.permute(1, 2, 0).numpy() + 1) / 2).astype(np.float32), rng)[:2] for x in clean]
     defective = torch.from_numpy(np.stack([d for d, _ in pairs])).permute(0, 3, 1, 2).float() * 2 - 1
     return defective, torch.from_numpy(np.stack([m for _, m in pairs]).astype(np.float32))
+
+
+def noise_bank_knn(image_size: int = 32, num_categories: int = 1, seed: int = 0):
+    """A tiny-preset knn model whose memory bank holds the patch features of two noise images, one bank
+    per category: a fitted model in a second, for tests where any scores will do."""
+    from anomdiff.models import build_model
+    from anomdiff.models.config import ModelConfig, load_preset
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_dict({"method": "knn", "image_size": image_size}, base=load_preset("tiny"))
+    knn = build_model(cfg, num_categories)
+    features = knn.patch_features(torch.rand(2, 3, image_size, image_size) * 2 - 1)
+    rows = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    knn.build_memory(dict.fromkeys(range(num_categories), rows))
+    return knn

@@ -320,15 +320,10 @@ evaluate({model!r}, {data!r}, {out!r}, ["evaluate.batch_size=2"])
 
 def test_an_evaluation_killed_mid_way_leaves_no_metrics_and_the_rerun_completes(environment, ray_head, dataset,
                                                                                 tmp_path):
-    from anomdiff.models import build_model
-    from anomdiff.models.config import ModelConfig, load_preset
+    from samples import noise_bank_knn
 
     model, out = tmp_path / "model", tmp_path / "evaluation"
-    import torch
-
-    knn = build_model(ModelConfig.from_dict({"method": "knn", "image_size": 32}, base=load_preset("tiny")), 2)
-    features = knn.patch_features(torch.rand(2, 3, 32, 32) * 2 - 1)  # a bank from noise: any scores will do
-    knn.build_memory({0: features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]), 1: features[0].flatten(1).T})
+    knn = noise_bank_knn(image_size=32, num_categories=2)
     knn.save(model, metadata={"categories": ["noise-000", "stripes-001"], "score_range": [0.0, 10.0]})
     env = {**environment, "RAY_ADDRESS": ray_head["gcs"], "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     victim = subprocess.run(

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from samples import images, with_defects
+from samples import images, noise_bank_knn, with_defects
 
 from anomdiff.models import build_model, load_model
 from anomdiff.models.config import ModelConfig, load_preset
@@ -182,11 +182,8 @@ def test_an_exported_base_model_gives_the_base_map_frozen_and_travels_with_the_m
 
     from anomdiff.models.pretrained import pretrained_problems
 
-    torch.manual_seed(3)
-    knn = build_model(ModelConfig.from_dict({"method": "knn"}, base=load_preset("tiny")), 1)
+    knn = noise_bank_knn(image_size=64, seed=3)
     x, _ = images(0, 2, seed=0)
-    features = knn.patch_features(x)
-    knn.build_memory({0: features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])})
     knn.save(tmp_path / "knn", metadata={"categories": ["a"]})
     cfg = {"drdc": {"base_model": str(tmp_path / "knn"), "timesteps": 1, "ddim_steps": 1}}
     model = tiny_drdc(cfg)

@@ -68,17 +68,12 @@ def test_a_streaming_scorer_sends_partial_metrics_and_new_worst_cases_but_no_map
     import pickle
 
     import numpy as np
-    import torch
+    from samples import noise_bank_knn
 
     from anomdiff.metrics import StreamingMetrics
-    from anomdiff.models import build_model
-    from anomdiff.models.config import ModelConfig, load_preset
     from pipelines.evaluate import Scorer
 
-    torch.manual_seed(0)
-    knn = build_model(ModelConfig.from_dict({"method": "knn", "image_size": 32}, base=load_preset("tiny")), 2)
-    features = knn.patch_features(torch.rand(2, 3, 32, 32) * 2 - 1)
-    knn.build_memory({0: features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])})
+    knn = noise_bank_knn(image_size=32, num_categories=2)
     knn.save(tmp_path / "knn", metadata={"categories": ["a", "b"]})
     fold = {"score_range": (0.0, 20.0), "num_bins": 256, "worst_cases": 2, "categories": ["a", "b"]}
     streaming, plain = Scorer(str(tmp_path / "knn"), {}, False, fold), Scorer(str(tmp_path / "knn"), {}, False)
