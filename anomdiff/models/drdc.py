@@ -60,14 +60,18 @@ def random_masks(batch: int, height: int, width: int, patch: int, device=None) -
     return masks[:, None].float()
 
 
+def _blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur, kernel radius 3 sigma, shrunk to fit the image."""
+    radius = max(1, min(int(3 * sigma + 0.5), min(images.shape[-2:]) // 2 - 1))
+    return gaussian_blur(images, kernel_size=[2 * radius + 1] * 2, sigma=[sigma, sigma])
+
+
 def context_fill(images: torch.Tensor, masks: torch.Tensor, sigma: float) -> torch.Tensor:
     """The images with masked pixels replaced by a normalised Gaussian average of the unmasked ones
     around them (the inpainting's starting point; no masked pixel contributes)."""
     keep = 1.0 - masks
-    radius = max(1, min(int(3 * sigma + 0.5), min(images.shape[-2:]) // 2 - 1))
-    size, s = [2 * radius + 1] * 2, [sigma, sigma]
-    weight = gaussian_blur(keep, kernel_size=size, sigma=s)
-    local = gaussian_blur(images * keep, kernel_size=size, sigma=s) / weight.clamp_min(1e-6)
+    weight = _blur(keep, sigma)
+    local = _blur(images * keep, sigma) / weight.clamp_min(1e-6)
     overall = (images * keep).sum((2, 3), keepdim=True) / keep.sum((2, 3), keepdim=True).clamp_min(1.0)
     fill = torch.where(weight > 1e-3, local, overall)  # cells far from any unmasked pixel: the image mean
     return images * keep + fill * masks
@@ -76,10 +80,7 @@ def context_fill(images: torch.Tensor, masks: torch.Tensor, sigma: float) -> tor
 def highpass(images: torch.Tensor, sigma: float) -> torch.Tensor:
     """``images`` minus their Gaussian low-pass: what an inpainting can be asked to get right (an
     inpainted cell may carry the right texture at a slightly different overall brightness)."""
-    if sigma <= 0:
-        return images
-    radius = max(1, min(int(3 * sigma + 0.5), min(images.shape[-2:]) // 2 - 1))
-    return images - gaussian_blur(images, kernel_size=[2 * radius + 1] * 2, sigma=[sigma, sigma])
+    return images if sigma <= 0 else images - _blur(images, sigma)
 
 
 def refinement_distance(images: torch.Tensor, inpainted: torch.Tensor, scales: list[int], sigma: float) -> torch.Tensor:
@@ -299,17 +300,14 @@ class DRDCModel(nn.Module):
     # --- inference -----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def inpaint(self, images: torch.Tensor, masks: torch.Tensor, start: int, context: torch.Tensor,
+    def inpaint(self, known: torch.Tensor, grid: torch.Tensor, start: int, context: torch.Tensor,
                 generator: torch.Generator) -> torch.Tensor:
-        """The images with their masked pixels (``B x 1 x H x W``) inpainted by a DDIM chain of
-        ``ddim_steps`` from timestep ``start``; the unmasked pixels are returned as given."""
-        d = self.cfg.drdc
-        filled = context_fill(images, masks, d.patch / 2)
+        """Images whose masked cells are rebuilt by a DDIM chain of ``ddim_steps`` from timestep
+        ``start``: ``known`` is the context-filled images in the inpainter's space, ``grid`` their mask
+        there. Only the masked cells of the result are the inpainting."""
         scheduler = DDIMScheduler.from_config(self.scheduler.config)
-        timesteps = ddim_timesteps(scheduler, start, d.ddim_steps, device=images.device)
-        with self._autocast(images.device):
-            known = self.encode(filled).float()
-            grid = self.to_grid(masks, known)
+        timesteps = ddim_timesteps(scheduler, start, self.cfg.drdc.ddim_steps, device=known.device)
+        with self._autocast(known.device):
             noise = torch.randn(known.shape, generator=generator, device=known.device, dtype=known.dtype)
             z = scheduler.add_noise(known, noise, timesteps[:1].repeat(len(known)))
             for i, t in enumerate(timesteps):
@@ -319,8 +317,7 @@ class DRDCModel(nn.Module):
                 later = timesteps[i + 1] if i + 1 < len(timesteps) else None
                 on_path = known if later is None else scheduler.add_noise(known, noise, later.repeat(len(known)))
                 z = grid * z + (1 - grid) * on_path
-            rebuilt = self.decode(z).float().clamp(-1, 1)
-        return filled * (1 - masks) + rebuilt * masks
+            return self.decode(z).float().clamp(-1, 1)
 
     @torch.no_grad()
     def inpaintings(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -330,14 +327,17 @@ class DRDCModel(nn.Module):
         b, _, h, w = images.shape
         sets = mask_sets(h, w, d.mask_sets, d.patch, d.mask_seed, device=images.device)  # S x H x W
         s = len(sets)
-        stacked = images.repeat_interleave(s, 0)  # image-major: B*S copies, one per set
         masks = sets.repeat(b, 1, 1)[:, None]
+        filled = context_fill(images.repeat_interleave(s, 0), masks, d.patch / 2)  # image-major: B*S, a set each
         category = batch.get("category_index")
-        context = self.context(self.category_logits(context_fill(stacked, masks, d.patch / 2)),
+        context = self.context(self.category_logits(filled),
                                None if category is None else category.repeat_interleave(s, 0))
+        with self._autocast(images.device):
+            known = self.encode(filled).float()  # the same for every timestep
+        grid = self.to_grid(masks, known)
         generator = torch.Generator(device=images.device).manual_seed(self.cfg.diffusion.seed)
-        runs = [self.inpaint(stacked, masks, start, context, generator).view(b, s, *images.shape[1:])
-                for start in refinement_timesteps(d.timesteps, d.start_timestep)]
+        runs = [(filled * (1 - masks) + self.inpaint(known, grid, start, context, generator) * masks)
+                .view(b, s, *images.shape[1:]) for start in refinement_timesteps(d.timesteps, d.start_timestep)]
         return torch.stack(runs, 1), sets
 
     @torch.no_grad()
