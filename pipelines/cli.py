@@ -1,7 +1,8 @@
 """The ``anomdiff`` console script (README, "Command line").
 
-Data and model commands run here in-process; the Ray jobs (``train``, ``evaluate``, ``bench``) are
-``python -m pipelines.<job>`` programs and the subcommand forwards its arguments to their ``main``.
+Data and model commands run here in-process; the jobs (the Ray programs ``train``, ``evaluate``,
+``bench``, and ``predict`` and ``promote``, which need no Ray) are ``python -m pipelines.<job>``
+programs and the subcommand forwards its arguments to their ``main``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ JOBS = {
     "evaluate": "pipelines.evaluate",
     "demo": "pipelines.demo",
     "bench": "pipelines.bench.job",
+    "predict": "pipelines.predict",
+    "promote": "pipelines.promote",
 }
 
 

@@ -18,6 +18,7 @@ import argparse
 import heapq
 import json
 import pickle
+import re
 from pathlib import Path
 
 import mlflow
@@ -29,8 +30,9 @@ from anomdiff import metrics, report
 from anomdiff.atomic import write_json_atomic
 from anomdiff.config import DataConfig, EvaluateConfig, TrackingConfig
 from anomdiff.models.config import ModelConfig
-from pipelines import runtime, tracking
+from pipelines import registry, runtime, tracking
 from pipelines.data import DataSpec, test_dataset
+from pipelines.registry import ResolvedModel
 
 JOB_KEYS = ("scorers", "use_gpu")
 SECTIONS = ("evaluate", "tracking", "model")
@@ -126,18 +128,14 @@ class WorstCases:
                                                                                                  reverse=True)]
 
 
-def evaluate(model_dir: str, data_path: str, out_dir: str | None = None, overrides: list[str] = (),
+def evaluate(model: str, data_path: str, out_dir: str | None = None, overrides: list[str] = (),
              address: str | None = None) -> dict:
-    """Score the test split of ``data_path`` with the model in ``model_dir`` on the Ray that ``address``
-    names (``pipelines.runtime.start_ray``); returns the metrics document."""
+    """Score the test split of ``data_path`` with ``model`` (an exported folder, or ``models:/NAME@alias``,
+    ``models:/NAME/VERSION``, ``runs:/RUN/model``) on the Ray that ``address`` names
+    (``pipelines.runtime.start_ray``); returns the metrics document."""
     from anomdiff.models import load_model
     from anomdiff.models.saved import read_saved_config
 
-    saved = read_saved_config(model_dir)
-    meta = saved.get("metadata", {})
-    categories = meta.get("categories")
-    if not categories:
-        raise ValueError(f"{model_dir}: the model lists no categories (was it exported by anomdiff train?)")
     own, rest = runtime.split_overrides(list(overrides), JOB_KEYS)
     sections = runtime.override_sections(rest, SECTIONS, "evaluate")
     eval_cfg = EvaluateConfig.from_dict(sections.get("evaluate", {}), _path="evaluate")
@@ -147,6 +145,13 @@ def evaluate(model_dir: str, data_path: str, out_dir: str | None = None, overrid
         raise ValueError("model.conditioning and model.method are fixed when a model is trained; "
                          "evaluate takes inference keys of model.* only")
     tracking.check_server(tracking_cfg)
+    out, source = _model_source(model, out_dir, tracking_cfg)
+    model_dir = str(source.folder)
+    saved = read_saved_config(model_dir)
+    meta = saved.get("metadata", {})
+    categories = meta.get("categories")
+    if not categories:
+        raise ValueError(f"{model_dir}: the model lists no categories (was it exported by anomdiff train?)")
     # Loaded once here, before Ray: a damaged model or a bad override fails now, with one line, not
     # inside every scoring actor.
     ModelConfig.from_dict(model_overrides, base=load_model(model_dir).cfg)
@@ -154,7 +159,6 @@ def evaluate(model_dir: str, data_path: str, out_dir: str | None = None, overrid
     evaluated = [c for c in categories if c in spec.manifest["counts"]]
     if not evaluated:
         raise ValueError(f"{data_path} has none of the model's {len(categories)} categories")
-    out = Path(out_dir or Path(model_dir).parent / "evaluation")
 
     score_range = tuple(meta["score_range"]) if eval_cfg.streaming and meta.get("score_range") else None
     # Streaming: the scoring actors fold their maps into metrics; exact: every map comes here.
@@ -195,7 +199,7 @@ def evaluate(model_dir: str, data_path: str, out_dir: str | None = None, overrid
     doc = {"num_images": doc["num_images"], "protocol": protocol(saved["config"]), **doc}
     files = report.write_report(doc, out, curves=curves, worst_cases=worst.cases(),
                                 title=f"{meta.get('experiment', 'model')} on {Path(data_path).name}")
-    _log(doc, out, tracking_cfg, model_dir, data_path)
+    _log(doc, out, tracking_cfg, source, data_path)
     print((out / "metrics.md").read_text())
     print(f"report: {out} ({', '.join(sorted(p.name for p in files.values()))})")
     return doc
@@ -206,23 +210,39 @@ def protocol(model_config: dict) -> str:
     return model_config["conditioning"]
 
 
-def _log(doc: dict, out: Path, tracking_cfg: TrackingConfig, model_dir: str, data_path: str) -> None:
-    """The evaluation's own MLflow run, linked to the training run that produced the model (the
-    ``mlflow_run_id`` its output folder holds, when there is one)."""
-    model_dir, data_path = Path(model_dir).resolve(), Path(data_path).resolve()
+def _model_source(model: str, out_dir: str | None, tracking_cfg: TrackingConfig) -> tuple[Path, ResolvedModel]:
+    """The report folder and the model: an exported folder is read where it is (its report goes next
+    to it by default); a registry or run URI is copied into the report folder (``model/``), where
+    scoring actors on other nodes find it when the folder is on shared storage."""
+    if not model.startswith(("models:/", "runs:/")):
+        return Path(out_dir or Path(model).parent / "evaluation"), registry.resolve(model)
+    tracking.use_experiment(tracking_cfg)
+    out = Path(out_dir or tracking.anomdiff_home() / "evaluations" / re.sub(r"[^A-Za-z0-9_.-]+", "-", model))
+    return out, registry.resolve(model, download_to=out / "model")
+
+
+def _log(doc: dict, out: Path, tracking_cfg: TrackingConfig, source: ResolvedModel, data_path: str) -> None:
+    """The evaluation's own MLflow run, linked to the training run that produced the model and to the
+    registered versions of it, which get its test metrics as tags (what the promotion gate reads)."""
+    model_dir, data_path = source.folder.resolve(), Path(data_path).resolve()
     tags = {"anomdiff.job": "evaluate", "anomdiff.model_dir": str(model_dir), "anomdiff.data_path": str(data_path)}
-    trained_by = model_dir.parent / "mlflow_run_id"
-    if trained_by.is_file():
-        tags["anomdiff.training_run"] = trained_by.read_text().strip()
-    ref = tracking.open_job_run(tracking_cfg, f"evaluate {model_dir.parent.name}", tags=tags)
-    with tracking.resume(ref):
+    if source.training_run:
+        tags["anomdiff.training_run"] = source.training_run
+    ref = tracking.open_job_run(tracking_cfg, f"evaluate {source.name or model_dir.parent.name}", tags=tags)
+    with tracking.resume(ref) as active:
         mlflow.log_params({"model_dir": str(model_dir), "data.path": str(data_path)})
         report.log_to_mlflow(doc, out)
+        if active is not None:
+            versions = registry.link_evaluation(source, doc, ref.run_id)
+            if versions:
+                mlflow.set_tag("anomdiff.model_versions", ",".join(versions))
+                print(f"test metrics recorded on model version {', '.join(versions)}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anomdiff evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="an exported model folder (output_dir/model)")
+    parser.add_argument("model", help="an exported model folder (output_dir/model), models:/NAME@ALIAS, "
+                                      "models:/NAME/VERSION or runs:/RUN_ID/model")
     parser.add_argument("data", help="a converted dataset")
     parser.add_argument("--json", dest="json_out", help="also write the metrics document here")
     parser.add_argument("--out", help="report folder (default: next to the model, evaluation/)")

@@ -66,10 +66,16 @@ def check_server(cfg: TrackingConfig, timeout_s: float = 5.0) -> None:
                          "ANOMDIFF_HOME") from None
 
 
-def use_experiment(cfg: TrackingConfig) -> str:
-    """Point MLflow at the store and experiment of a ``tracking`` section; returns the tracking URI."""
+def point_at_store(cfg: TrackingConfig) -> str:
+    """Point MLflow at the store of a ``tracking`` section (no experiment needed: registry commands)."""
     uri = tracking_uri(cfg.tracking_uri)
     _point_mlflow_at(uri)
+    return uri
+
+
+def use_experiment(cfg: TrackingConfig) -> str:
+    """Point MLflow at the store and experiment of a ``tracking`` section; returns the tracking URI."""
+    uri = point_at_store(cfg)
     if mlflow.get_experiment_by_name(cfg.experiment) is None:
         artifacts = (anomdiff_home() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
         mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)

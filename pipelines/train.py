@@ -38,12 +38,13 @@ from anomdiff.atomic import write_json_atomic
 from anomdiff.config import ExperimentConfig, load_config, save_config
 from anomdiff.models import model_class
 from anomdiff.models.pretrained import pretrained_problems
-from pipelines import runtime, stage, tracking
+from pipelines import registry, runtime, stage, tracking
 from pipelines.data import DataSpec, EveryRowDataConfig, train_dataset, validation_dataset
 
 SELECTION_METRIC = "val_image_auroc"
 STATE_FILE = "train_state.json"
 RESOLVED_CONFIG = "config.yaml"
+LOGGED_MODEL = "mlflow_model.json"  # where the run's model went in MLflow: a finished run is not logged twice
 
 
 # --- pre-flight ------------------------------------------------------------------------------
@@ -388,12 +389,16 @@ def run(cfg: ExperimentConfig, address: str | None = None) -> dict:
     best_checkpoint, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC])
     with best_checkpoint.as_directory() as directory:
         metadata = export_model(cfg, categories, Path(directory), out / "model")
-    with tracking.resume(run_ref):
-        tracking.log_metrics({"best/" + SELECTION_METRIC: metadata[SELECTION_METRIC],
-                              "best/threshold": metadata["threshold"]})
-        tracking.log_artifact(out / "model" / "config.json", "model")
     print(f"exported the step-{metadata['step']} model ({SELECTION_METRIC} {metadata[SELECTION_METRIC]:.3f}) "
           f"to {out / 'model'}")
+    with tracking.resume(run_ref) as active:
+        tracking.log_metrics({"best/" + SELECTION_METRIC: metadata[SELECTION_METRIC],
+                              "best/threshold": metadata["threshold"]})
+        if active is not None:  # the store answers: the model goes to MLflow (and the registry) too
+            logged = registry.log_once(out / "model", cfg.tracking.registered_model, out / LOGGED_MODEL)
+            print(f"the model in MLflow: {logged['model_uri']}" + (
+                f", registered as {logged['registered_model']} version {logged['version']}" if logged["version"]
+                else ""))
     return metadata
 
 

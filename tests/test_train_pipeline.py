@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
 from anomdiff.config import CONF_DIR, load_config
 from anomdiff.data.schema import read_shard
@@ -167,7 +168,8 @@ def test_knn_builds_its_bank_on_two_workers_and_evaluates_without_the_category(l
     from anomdiff.models import load_model
     from pipelines import evaluate, train
 
-    cfg = tiny_config(dataset, tmp_path / "run", "model.method=knn", "train.num_workers=2")
+    cfg = tiny_config(dataset, tmp_path / "run", "model.method=knn", "train.num_workers=2",
+                      "tracking.registered_model=demo-knn")
     metadata = train.run(cfg)
     model = load_model(tmp_path / "run" / "model")
     assert model.method == "knn" and metadata["step"] == 0 and 0.0 <= metadata["val_image_auroc"] <= 1.0
@@ -187,9 +189,22 @@ def test_knn_builds_its_bank_on_two_workers_and_evaluates_without_the_category(l
     assert len(banks) == 1
     assert train.run(cfg) == metadata  # a finished run is kept as it is: exported again, not rebuilt
     assert checkpointed_banks() == banks
-    doc = evaluate.evaluate(str(tmp_path / "run" / "model"), str(dataset), str(tmp_path / "report"))
+    # The model went to MLflow once (not again when the finished run was started a second time),
+    # registered with its validation metrics.
+    client = MlflowClient()
+    [version] = client.search_model_versions("name = 'demo-knn'")
+    assert float(version.tags["val_image_auroc"]) == pytest.approx(metadata["val_image_auroc"], abs=1e-6)
+    assert version.run_id == (tmp_path / "run" / "mlflow_run_id").read_text().strip()
+
+    doc = evaluate.evaluate("models:/demo-knn/1", str(dataset), str(tmp_path / "report"),
+                            [f"tracking.tracking_uri={cfg.tracking.tracking_uri}"])
     assert doc["protocol"] == "label_free" and doc["num_images"] == 12
     assert "unified protocol" in (tmp_path / "report" / "metrics.md").read_text()
+    tags = client.get_model_version("demo-knn", "1").tags  # the test metrics are recorded on the version
+    assert float(tags["test_image_auroc"]) == pytest.approx(doc["mean"]["image_auroc"], abs=1e-6)
+    evaluation_run = client.get_run(tags["evaluation_run"])
+    assert evaluation_run.data.tags["anomdiff.training_run"] == version.run_id
+    assert evaluation_run.data.tags["anomdiff.model_versions"] == "demo-knn/1"
 
 
 def test_pretrained_weights_out_of_reach_stop_the_run_before_ray_with_the_keys_to_set(dataset, tmp_path, monkeypatch):
