@@ -46,6 +46,7 @@ from pipelines.bench.refinement import drdc_section
 from pipelines.bench.report import markdown_table
 from pipelines.bench.scaling import scaling_section
 from pipelines.bench.scoring import scoring_section
+from pipelines.bench.serving import serving_section
 from pipelines.bench.sizes import (
     OPTIONAL_SECTIONS,
     QUICK,
@@ -121,7 +122,10 @@ def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS, workdir: str 
         if "gpu" in wanted:
             _progress(start, "GPU: " + ("measuring" if _has_cuda() else "no CUDA device, skipped"))
             doc["gpu"] = device_benchmark(quick, peak_tflops=peak_tflops)
-        if ray_sections or set(OPTIONAL_SECTIONS) & wanted or (doc["gpu"] and ray_address(address)):
+        if "serving" in wanted:
+            _progress(start, "serving: anomdiff predict in batches and one by one; mlflow models serve latency")
+            doc["serving"] = serving_section(work / "serving")
+        if ray_sections or (set(OPTIONAL_SECTIONS) - {"serving"}) & wanted or (doc["gpu"] and ray_address(address)):
             # Workers' output stays off the console: the sections print their own progress.
             start_ray(address, quiet=True, num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
             doc["machine"]["ray_cluster"] = _cluster_resources()
