@@ -36,7 +36,7 @@ def _write_images(folder: Path, count: int) -> list[Path]:
     paths = []
     for shard in sorted(data.rglob("split=test/*.parquet")):
         for row in read_shard(shard, columns=["sample_id", "image"]).to_pylist():
-            paths.append(folder / f"{row['sample_id']}.png")
+            paths.append(folder / (row["sample_id"].replace("/", "_") + ".png"))
             paths[-1].write_bytes(row["image"])
     return sorted(paths)[:count]
 
