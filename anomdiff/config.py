@@ -175,7 +175,7 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: config file not found")
     try:
@@ -203,7 +203,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 def compose(path: str | Path, overrides: list[str] = ()) -> dict:
     """The merged config dict of an experiment file plus overrides (not yet type-checked)."""
     path = Path(path)
-    data = _read_yaml(path)
+    data = read_yaml(path)
     parts = data.pop("compose", {}) or {}
     if not isinstance(parts, dict):
         raise ValueError(f"{path}: compose must map sections to preset names, e.g. "
@@ -212,7 +212,7 @@ def compose(path: str | Path, overrides: list[str] = ()) -> dict:
     for section, name in parts.items():
         if section not in ("data", "model", "train", "evaluate", "tracking"):
             raise UnknownKeyError(f"compose.{section}", ["data", "model", "train", "evaluate", "tracking"])
-        merged[section] = _read_yaml(CONF_DIR / section / f"{name}.yaml")
+        merged[section] = read_yaml(CONF_DIR / section / f"{name}.yaml")
     return apply_overrides(_merge(merged, data), overrides)
 
 

@@ -1,7 +1,7 @@
 """The ``anomdiff`` console script (README, "Command line").
 
 Data and model commands run here in-process; the jobs (the Ray programs ``train``, ``evaluate``,
-``bench``, and ``predict`` and ``promote``, which need no Ray) are ``python -m pipelines.<job>``
+``tune``, ``bench``, and ``predict`` and ``promote``, which need no Ray) are ``python -m pipelines.<job>``
 programs and the subcommand forwards its arguments to their ``main``.
 """
 
@@ -24,6 +24,7 @@ JOBS = {
     "evaluate": "pipelines.evaluate",
     "demo": "pipelines.demo",
     "bench": "pipelines.bench.job",
+    "tune": "pipelines.tune",
     "predict": "pipelines.predict",
     "promote": "pipelines.promote",
 }

@@ -44,6 +44,7 @@ from pipelines.data import DataSpec, EveryRowDataConfig, train_dataset, validati
 SELECTION_METRIC = "val_image_auroc"
 STATE_FILE = "train_state.json"
 RESOLVED_CONFIG = "config.yaml"
+PLACEMENT_GROUP = "placement_group"
 LOGGED_MODEL = "mlflow_model.json"  # where the run's model went in MLflow: a finished run is not logged twice
 
 
@@ -204,7 +205,7 @@ def train_worker(config: dict) -> None:
         part = score_validation(engine.module, validation_batches(), seed=cfg.seed + 100_003 * rank)
         result = _pooled_validation(part, rank)
         engine.train()
-        metrics = {"step": step, **{k: v for k, v in result.items() if k != "score_range"}}
+        metrics = {"step": step, **{k: v for k, v in result.items() if k != "score_range"}, **_placement()}
         with tempfile.TemporaryDirectory() as directory:
             engine.save_checkpoint(directory, tag="ds")
             if rank == 0:
@@ -272,12 +273,19 @@ def bank_worker(config: dict) -> None:
             result = validate(model, validation, cfg.train.validation_images, seed=cfg.seed)
             model.save(Path(directory) / "model")
             write_json_atomic(Path(directory) / STATE_FILE, {"step": 0, **result})
-            shared = [{"step": 0, **{k: v for k, v in result.items() if k != "score_range"}}]
+            shared = [{"step": 0, **{k: v for k, v in result.items() if k != "score_range"}, **_placement()}]
             _report_validation(0, result, config["mlflow"])
         if distributed:
             dist.broadcast_object_list(shared, src=0)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
         ray.train.report(shared[0], checkpoint=checkpoint)
+
+
+def _placement() -> dict[str, str]:
+    """The worker group's placement group, reported with the metrics: a search that stops this run
+    early releases it by this id (ray-project/ray#54305 leaves it reserved otherwise)."""
+    group = ray.util.get_current_placement_group()
+    return {PLACEMENT_GROUP: group.id.hex()} if group is not None else {}
 
 
 def _pooled_validation(part: dict, rank: int) -> dict:
@@ -353,9 +361,9 @@ def export_model(cfg: ExperimentConfig, categories: list[str], checkpoint_dir: P
 # --- the job ---------------------------------------------------------------------------------
 
 
-def run(cfg: ExperimentConfig, address: str | None = None) -> dict:
+def run(cfg: ExperimentConfig, address: str | None = None, callbacks: list | None = None) -> dict:
     """Train and export on the Ray that ``address`` names (``pipelines.runtime.start_ray``); returns
-    the exported model's metadata."""
+    the exported model's metadata. ``callbacks``: Ray Train callbacks (a search's reporter)."""
     spec = preflight(cfg)
     categories = spec.categories
     out = Path(cfg.output_dir).resolve()
@@ -379,7 +387,7 @@ def run(cfg: ExperimentConfig, address: str | None = None) -> dict:
         train_loop_config={"experiment": cfg.to_dict(), "categories": categories, "mlflow": run_ref.to_dict()},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=per_worker),
         run_config=RunConfig(name="ray", storage_path=str(out), checkpoint_config=keep_best,
-                             failure_config=FailureConfig(max_failures=t.max_failures)),
+                             failure_config=FailureConfig(max_failures=t.max_failures), callbacks=callbacks),
         datasets=datasets,
         # The gradient path splits the validation set too: every rank scores its share at a checkpoint.
         dataset_config=EveryRowDataConfig(datasets_to_split=["train"]) if gradient_free

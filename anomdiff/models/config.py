@@ -300,6 +300,20 @@ class DRDCConfig(Section):
             raise ValueError(f"model.drdc.top_fraction must be in (0, 1], got {self.top_fraction}")
 
 
+# The keys that change how a trained model scores, not what it learned: evaluate and inference-time
+# searches may set them on an exported model (dotted, below ``model.``).
+INFERENCE_KEYS = frozenset({
+    "diffusion.ddim_steps", "diffusion.start_timestep", "diffusion.eta", "diffusion.guidance",
+    "diffusion.guidance_scale", "diffusion.seed",
+    "scoring.sigma", "scoring.pooling_rounds", "scoring.pooling_kernel", "scoring.pixel_weight",
+    "scoring.noise_samples",
+    "sg.conditioning_scale", "proad.top_fraction",
+    "drdc.mask_sets", "drdc.patch", "drdc.timesteps", "drdc.start_timestep", "drdc.ddim_steps",
+    "drdc.filter_size", "drdc.gamma", "drdc.scales", "drdc.highpass_sigma", "drdc.top_fraction",
+    "drdc.mask_seed",
+})
+
+
 @dataclass
 class ModelConfig(Section):
     """Everything that defines a model. ``trainable`` names the parts the denoiser stage trains:
