@@ -57,6 +57,7 @@ from pipelines.bench.sizes import (
     Sizes,
 )
 from pipelines.bench.training import training_sections
+from pipelines.bench.tuning import tune_section
 from pipelines.bench.zero import zero_section
 from pipelines.runtime import add_address_argument, ray_address, start_ray
 
@@ -154,6 +155,9 @@ def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS, workdir: str 
         if "drdc_refinement" in wanted:
             _progress(start, "DRDC: base only, refinement only, fused, and n_t / n_s, on one trained model per dataset")
             doc["drdc_refinement"] = drdc_section(work / "drdc_refinement")
+        if "tune_inference" in wanted:
+            _progress(start, "tune: the demo trained once, then a 50-trial inference-time search of its model")
+            doc["tune_inference"] = tune_section(work / "tune_inference")
         if doc["gpu"] and _cluster_resources().get("GPU", 0) >= 2:
             _progress(start, "GPU: ZeRO stages 0-3 at DiAD's batch 12 on 2 GPU workers (sd15 preset)")
             doc["gpu"]["zero_memory"] = zero_section(replace(sizes, zero_preset="sd15", zero_overrides=RANDOM_WEIGHTS),

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 SECTIONS = ("ingest", "train_overhead", "zero_memory", "scoring", "metrics", "category_scaling", "gpu")
 # Run only when named in --sections: each trains every method with the demo's budget (minutes each).
-OPTIONAL_SECTIONS = ("methods", "proad_ablation", "drdc_refinement", "serving")
+OPTIONAL_SECTIONS = ("methods", "proad_ablation", "drdc_refinement", "serving", "tune_inference")
 SCALING_CATEGORIES = (10, 40, 160)
 SCORING_DDIM_STEPS = 10
 # Overrides that build the sd15 preset from random weights: memory and speed do not depend on them.
