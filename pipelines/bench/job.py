@@ -37,6 +37,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from anomdiff.atomic import write_json_atomic
+from pipelines.bench.evaluation import evaluation_memory_section
 from pipelines.bench.gpu import device_benchmark
 from pipelines.bench.ingest import ingest_section, make_datasets
 from pipelines.bench.measure import experiment, machine
@@ -121,7 +122,9 @@ def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS, workdir: str 
         if "gpu" in wanted:
             _progress(start, "GPU: " + ("measuring" if _has_cuda() else "no CUDA device, skipped"))
             doc["gpu"] = device_benchmark(quick, peak_tflops=peak_tflops)
-        if ray_sections or set(OPTIONAL_SECTIONS) & wanted or (doc["gpu"] and ray_address(address)):
+        # evaluation_memory starts a private Ray in each of its own processes.
+        trains = (set(OPTIONAL_SECTIONS) - {"evaluation_memory"}) & wanted
+        if ray_sections or trains or (doc["gpu"] and ray_address(address)):
             # Workers' output stays off the console: the sections print their own progress.
             start_ray(address, quiet=True, num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
             doc["machine"]["ray_cluster"] = _cluster_resources()
@@ -150,6 +153,9 @@ def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS, workdir: str 
         if "drdc_refinement" in wanted:
             _progress(start, "DRDC: base only, refinement only, fused, and n_t / n_s, on one trained model per dataset")
             doc["drdc_refinement"] = drdc_section(work / "drdc_refinement")
+        if "evaluation_memory" in wanted:
+            _progress(start, "evaluation memory: the driver's peak RSS at 1,000 and 10,000 test images")
+            doc["evaluation_memory"] = evaluation_memory_section(work / "evaluation_memory")
         if doc["gpu"] and _cluster_resources().get("GPU", 0) >= 2:
             _progress(start, "GPU: ZeRO stages 0-3 at DiAD's batch 12 on 2 GPU workers (sd15 preset)")
             doc["gpu"]["zero_memory"] = zero_section(replace(sizes, zero_preset="sd15", zero_overrides=RANDOM_WEIGHTS),

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SECTIONS = ("ingest", "train_overhead", "zero_memory", "scoring", "metrics", "category_scaling", "gpu")
-# Run only when named in --sections: each trains every method with the demo's budget (minutes each).
-OPTIONAL_SECTIONS = ("methods", "proad_ablation", "drdc_refinement")
+# Run only when named in --sections (minutes each): the first three train every method with the demo's
+# budget; evaluation_memory evaluates 11,000 test images in fresh processes.
+OPTIONAL_SECTIONS = ("methods", "proad_ablation", "drdc_refinement", "evaluation_memory")
 SCALING_CATEGORIES = (10, 40, 160)
 SCORING_DDIM_STEPS = 10
 # Overrides that build the sd15 preset from random weights: memory and speed do not depend on them.
