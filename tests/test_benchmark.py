@@ -1,6 +1,7 @@
 """The benchmark job: its arithmetic, its byte counting, and the document a tiny run writes."""
 
 import json
+import time
 import types
 
 import numpy as np
@@ -185,3 +186,23 @@ def test_the_drdc_table_has_a_row_per_variant_and_the_ratio_over_diad():
         in table
     assert "| drdc on synthetic, timesteps=1:" in table and "| drdc fused scoring over diad's on synthetic | x0.25" \
         in table
+
+
+def test_peak_rss_sees_memory_the_block_held_and_freed():
+    from pipelines.bench.evaluation import PeakRSS
+
+    with PeakRSS(interval=0.001) as rss:
+        held = np.ones(64 * 2**20, np.uint8)
+        time.sleep(0.05)  # a few samples while it is resident
+        del held
+    assert rss.growth() >= 60 * 2**20 and rss.growth("RssAnon") >= 60 * 2**20
+
+
+def test_the_evaluation_memory_table_has_a_row_per_size_and_mode():
+    run = {"growth_bytes": 40 * 2**20, "RssAnon_growth_bytes": 25 * 2**20, "seconds": 25.0}
+    doc = {"evaluation_memory": {"image_size": 64, "by_images": {"10000": {"streaming": run},
+                                                                 "1000": {"streaming": run, "exact": run}}}}
+    table = markdown_table(doc)
+    assert "| evaluation driver, 10,000 test images of 64 px (streaming): peak RSS growth (own memory) | " \
+           "+40 MiB (+25 MiB), 25 s |" in table
+    assert "1,000 test images of 64 px (exact)" in table

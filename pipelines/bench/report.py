@@ -40,6 +40,15 @@ def markdown_table(doc: dict) -> str:
         if n != n_exact:
             rows.append((f"streaming metrics at {n:,} maps", f"{m['streaming']['seconds']:.1f} s, peak "
                          f"{m['streaming']['peak_bytes'] / 2**20:.0f} MiB", ""))
+    if doc.get("evaluation_memory"):
+        e = doc["evaluation_memory"]
+        for n, row in e["by_images"].items():
+            for mode in (m for m in ("streaming", "exact") if m in row):
+                r = row[mode]
+                rows.append((f"evaluation driver, {int(n):,} test images of {e['image_size']} px ({mode}): "
+                             "peak RSS growth (own memory)",
+                             f"+{r['growth_bytes'] / 2**20:.0f} MiB (+{r['RssAnon_growth_bytes'] / 2**20:.0f} MiB), "
+                             f"{r['seconds']:.0f} s", ""))
     if doc.get("category_scaling"):
         c = doc["category_scaling"]
         ingest = " / ".join(_fmt(c["ingest_images_per_s"][str(n)], ".0f") for n in c["categories"])
