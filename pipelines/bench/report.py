@@ -15,6 +15,12 @@ def markdown_table(doc: dict) -> str:
         rows.append(("ingest: Ray Data / single process (images/s)",
                      f"{_fmt(i['images_per_s'], '.0f')} / {_fmt(i['baseline_images_per_s'], '.0f')} = "
                      f"{_fmt(i['ratio'])}x, {_fmt(i['ratio_per_cpu'])} per CPU ({i['cpus']:g} CPUs)", ""))
+        for size, row in (i.get("by_size") or {}).items():
+            curve = ", ".join(f"{_fmt(v, '.0f')} at {c}" for c, v in row["images_per_s_by_cpus"].items())
+            per_cpu = ", ".join(f"{_fmt(v)} at {c}" for c, v in row["ratio_per_cpu_by_cpus"].items())
+            rows.append((f"ingest at {size} px: Ray Data limited to 1, 2... CPUs (images/s; single process "
+                         f"{_fmt(row['baseline_images_per_s'], '.0f')})", f"{curve}; per CPU {per_cpu}",
+                         f">= {row['target_per_cpu']:g} per CPU"))
     if doc.get("train_overhead"):
         t = doc["train_overhead"]
         rows.append((f"training step: Ray Train + DeepSpeed ZeRO-0 / plain PyTorch ({t['threads']} thread)",
