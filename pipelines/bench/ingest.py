@@ -122,7 +122,8 @@ def cpu_steps(cpus: float) -> list[int]:
 def _size_row(pair: dict, cpus: float, target: float) -> dict:
     curve = pair["images_per_s_by_cpus"]
     per_cpu = {c: ratio(ratio(v, pair["baseline_images_per_s"]), int(c)) for c, v in curve.items()}
-    return {"images_per_s": pair["images_per_s"], "baseline_images_per_s": pair["baseline_images_per_s"],
+    return {"images": pair["images"], "images_per_s": pair["images_per_s"],
+            "baseline_images_per_s": pair["baseline_images_per_s"],
             "ratio_per_cpu": ratio(ratio(pair["images_per_s"], pair["baseline_images_per_s"]), cpus),
             "images_per_s_by_cpus": curve, "ratio_per_cpu_by_cpus": per_cpu, "target_per_cpu": target}
 
