@@ -56,18 +56,25 @@ class ZeroConfig(Section):
     offload_params: bool = False
 
 
+# Ray's placement group strategies, which Ray Train's ScalingConfig passes on.
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class TrainConfig(Section):
     """Ray Train workers and the optimisation schedule (steps count optimizer steps; ``schedule``
     ``cosine`` warms up over the first 10% of each stage's steps and anneals to zero, or ``constant``).
 
     ``resource_wait_s``: how long the start may wait for an autoscaler to add the nodes the workers
-    need (their resources are requested from it); 0 refuses at once what the cluster does not have."""
+    need (their resources are requested from it); 0 refuses at once what the cluster does not have.
+    ``placement_strategy``: how Ray places the workers' resource bundles (:data:`PLACEMENT_STRATEGIES`;
+    ``STRICT_SPREAD`` puts each worker on a node of its own)."""
 
     num_workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 0.5
     resource_wait_s: float = 0.0
+    placement_strategy: str = "PACK"
     batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1.0e-4
@@ -95,6 +102,9 @@ class TrainConfig(Section):
             raise ValueError(f"train.resource_wait_s must be a finite number >= 0, got {self.resource_wait_s}")
         if not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"train.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"train.placement_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                             f"got {self.placement_strategy!r}")
 
 
 @dataclass

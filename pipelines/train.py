@@ -385,7 +385,8 @@ def run(cfg: ExperimentConfig, address: str | None = None, callbacks: list | Non
     trainer = TorchTrainer(
         bank_worker if gradient_free else train_worker,
         train_loop_config={"experiment": cfg.to_dict(), "categories": categories, "mlflow": run_ref.to_dict()},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=per_worker),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=per_worker,
+                                     placement_strategy=t.placement_strategy),
         run_config=RunConfig(name="ray", storage_path=str(out), checkpoint_config=keep_best,
                              failure_config=FailureConfig(max_failures=t.max_failures), callbacks=callbacks),
         datasets=datasets,

@@ -1,13 +1,16 @@
 """The benchmark job: its arithmetic, its byte counting, and the document a tiny run writes."""
 
 import json
+import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from pipelines.bench.gpu import device_benchmark
+from pipelines.bench.ingest import cpu_steps
 from pipelines.bench.job import main, run
 from pipelines.bench.measure import (
     TimedBatches,
@@ -25,7 +28,7 @@ from pipelines.bench.zero import zero_footprint
 MINUSCULE = Sizes(
     train_images=20, stored_size=64, test_per_category=2, repeats=1, train_steps=5, warmup_steps=1, scaling_steps=4,
     zero_preset="tiny", zero_overrides=("model.image_size=32", "model.vae.sample_size=32", "model.unet.sample_size=8"),
-    scoring_images=2, scoring_batch=2, metric_maps=100, metric_size=32,
+    scoring_images=2, scoring_batch=2, metric_maps=100, metric_size=32, large_ingest_images=20,
 )
 
 
@@ -124,7 +127,8 @@ def test_tiny_run_writes_the_documented_shape(tmp_path):
     assert metrics["n_maps"] == {"streaming": 100, "exact": 100} and metrics["speedup"] > 0
     assert metrics["max_abs_difference"] < 0.01
     assert doc["targets"] == {"train_overhead_ratio_le_1.10": None, "zero_stage3_le_0.55_stage0": None,
-                              "ingest_160_over_10_within_10pct": None}
+                              "ingest_160_over_10_within_10pct": None, "ingest_64px_ge_0.5_per_cpu": None,
+                              "ingest_256px_ge_0.8_per_cpu": None}
     assert json.loads(json.dumps(doc)) == doc
     table = markdown_table(doc)
     assert "guidance off / on" in table and "metrics at 100 maps" in table
@@ -139,6 +143,11 @@ def test_device_section_runs_on_the_cpu_with_the_tiny_preset():
     assert result["plain_adamw_peak_bytes"] is None and result["ddim_steps"] == 10
 
 
+@pytest.mark.parametrize("cpus, steps", [(1, [1]), (2, [1, 2]), (6, [1, 2, 4, 6]), (8, [1, 2, 4, 8]), (0.5, [])])
+def test_decode_cpu_steps_double_up_to_the_cluster(cpus, steps):
+    assert cpu_steps(cpus) == steps
+
+
 def test_an_unknown_section_is_refused():
     with pytest.raises(ValueError, match="unknown sections"):
         main(["--sections", "ingest,warp_drive"])
@@ -148,12 +157,16 @@ def test_an_unknown_section_is_refused():
 def test_ray_sections_on_a_local_ray(tmp_path):
     ray = pytest.importorskip("ray")
     try:
-        doc = run(sections=("ingest", "zero_memory"), workdir=str(tmp_path), sizes=MINUSCULE)
+        doc = run(sections=("ingest", "zero_memory"), workdir=str(tmp_path), sizes=MINUSCULE, figures=str(tmp_path))
     finally:
         ray.shutdown()
     ingest = doc["ingest"]
     assert ingest["images"] > 0 and ingest["ratio"] == pytest.approx(
         ingest["images_per_s"] / ingest["baseline_images_per_s"])
+    assert set(ingest["by_size"]) == {"64", "256"} and Path(ingest["figure"]).stat().st_size > 0
+    for row in ingest["by_size"].values():
+        curve = row["images_per_s_by_cpus"]
+        assert set(curve) == {"1", "2"} and all(v > 0 for v in curve.values())
     stages = doc["zero_memory"]["per_stage"]
     assert set(stages) == {"0", "1", "2", "3", "3_persist_0"}
     # Two ranks: ZeRO-1 halves the Adam moments (plus an fp32 master partition), ZeRO-2 also the
@@ -185,3 +198,23 @@ def test_the_drdc_table_has_a_row_per_variant_and_the_ratio_over_diad():
         in table
     assert "| drdc on synthetic, timesteps=1:" in table and "| drdc fused scoring over diad's on synthetic | x0.25" \
         in table
+
+
+def test_peak_rss_sees_memory_the_block_held_and_freed():
+    from pipelines.bench.evaluation import PeakRSS
+
+    with PeakRSS(interval=0.001) as rss:
+        held = np.ones(64 * 2**20, np.uint8)
+        time.sleep(0.05)  # a few samples while it is resident
+        del held
+    assert rss.growth() >= 60 * 2**20 and rss.growth("RssAnon") >= 60 * 2**20
+
+
+def test_the_evaluation_memory_table_has_a_row_per_size_and_mode():
+    run = {"growth_bytes": 40 * 2**20, "RssAnon_growth_bytes": 25 * 2**20, "seconds": 25.0}
+    doc = {"evaluation_memory": {"image_size": 64, "by_images": {"10000": {"streaming": run},
+                                                                 "1000": {"streaming": run, "exact": run}}}}
+    table = markdown_table(doc)
+    assert "| evaluation driver, 10,000 test images of 64 px (streaming): peak RSS growth (own memory) | " \
+           "+40 MiB (+25 MiB), 25 s |" in table
+    assert "1,000 test images of 64 px (exact)" in table

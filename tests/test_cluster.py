@@ -1,5 +1,6 @@
 """The cluster path, for real on 127.0.0.1: `ray start --head`, an `mlflow server`, `ray job submit`
-of `anomdiff train`, and a training worker killed mid-run that the run survives."""
+of `anomdiff train`, a training worker killed mid-run that the run survives, and a second node that
+trains and scores beside the head."""
 
 import json
 import os
@@ -340,3 +341,56 @@ def test_an_evaluation_killed_mid_way_leaves_no_metrics_and_the_rerun_completes(
     doc = json.loads((out / "metrics.json").read_text())
     assert doc["num_images"] == 4 and sorted(doc["per_category"]) == ["noise-000", "stripes-001"]
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temporaries left
+
+
+def ray_state(kind: str, gcs: str, env: dict, *filters: str) -> list[dict]:
+    """`ray list KIND` as JSON, dead entries included (what ran and has finished is listed too)."""
+    args = [arg for f in filters for arg in ("--filter", f)]
+    listed = subprocess.run([BIN / "ray", "list", kind, "--address", gcs, "--format", "json", "--detail",
+                             "--limit", "10000", *args], env=env, capture_output=True, text=True, check=True)
+    return json.loads(listed.stdout)
+
+
+@pytest.fixture
+def second_node(environment, ray_head):
+    """A second Ray node joined to the head on 127.0.0.1, with a resource only it has; stopped after
+    the test (its raylet, found by its own node-manager port, and everything that raylet started)."""
+    manager_port = free_port()
+    subprocess.run(
+        [BIN / "ray", "start", f"--address={ray_head['gcs']}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         '--resources={"second_node": 1}', f"--node-manager-port={manager_port}",
+         f"--object-manager-port={free_port()}", "--disable-usage-stats",
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"],
+        env=environment, check=True, capture_output=True)
+    try:
+        nodes = wait_for(lambda: [n for n in ray_state("nodes", ray_head["gcs"], environment, "state=ALIVE")
+                                  if "second_node" in n["resources_total"]], 120, "the second Ray node")
+        yield nodes[0]["node_id"]
+    finally:
+        kill_session(f"--node_manager_port={manager_port}")
+
+
+def test_two_nodes_train_one_worker_each_and_score_one_actor_each(environment, ray_head, second_node, dataset,
+                                                                   tmp_path):
+    out = tmp_path / "run"
+    gcs = ray_head["gcs"]
+    env = {**environment, "RAY_ADDRESS": gcs, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    before = {a["actor_id"] for a in ray_state("actors", gcs, environment)}
+    train = subprocess.run(
+        [sys.executable, "-m", "pipelines.train", "--config", "conf/experiment/demo.yaml",
+         *train_overrides(dataset, out, "train.steps=2", "train.checkpoint_every=2", "train.num_workers=2",
+                          "train.placement_strategy=STRICT_SPREAD")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    evaluation = subprocess.run(
+        [sys.executable, "-m", "pipelines.evaluate", "--out", str(out / "evaluation"), str(out / "model"), str(dataset),
+         "scorers=2", "evaluate.batch_size=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert evaluation.returncode == 0, evaluation.stdout[-3000:] + evaluation.stderr[-3000:]
+    assert json.loads((out / "evaluation" / "metrics.json").read_text())["num_images"] == 4
+
+    ran = [a for a in ray_state("actors", gcs, environment) if a["actor_id"] not in before]
+    workers = [a["node_id"] for a in ran if a["class_name"] == "RayTrainWorker"]
+    scorers = [a["node_id"] for a in ran if "Scorer" in a["class_name"]]
+    assert len(workers) == 2 and len(set(workers)) == 2 and second_node in workers, f"training workers' nodes {workers}"
+    assert len(scorers) == 2 and len(set(scorers)) == 2 and second_node in scorers, f"scoring actors' nodes {scorers}"

@@ -69,6 +69,8 @@ def test_compose_refuses_an_unknown_part(tmp_path):
     ("model.image_size=-64", r"model.image_size must be an integer in \[16, 8192\]"),
     ("model.method=dinomaly", "model.method must be one of diad, dpdiff, drdc, knn, proad, got 'dinomaly'"),
     ("evaluate.batch_size=0", "evaluate.batch_size must be"),
+    ("train.placement_strategy=spread", "train.placement_strategy must be one of PACK, SPREAD, STRICT_PACK, "
+                                        "STRICT_SPREAD, got 'spread'"),
 ])
 def test_values_the_jobs_would_fail_on_inside_ray_are_refused_when_the_config_is_read(override, message):
     with pytest.raises(ValueError, match=message):

@@ -37,8 +37,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from anomdiff.atomic import write_json_atomic
+from pipelines.bench.evaluation import evaluation_memory_section
 from pipelines.bench.gpu import device_benchmark
-from pipelines.bench.ingest import ingest_section, make_datasets
+from pipelines.bench.ingest import LARGE_SIZE, ingest_section, make_datasets, make_large_dataset
 from pipelines.bench.measure import experiment, machine
 from pipelines.bench.methods import PROAD_ABLATION, methods_section
 from pipelines.bench.metrics import metrics_section
@@ -86,17 +87,27 @@ def targets(doc: dict) -> dict:
     overhead = (doc.get("train_overhead") or {}).get("ratio")
     zero = (doc.get("zero_memory") or {}).get("ratio")
     scaling = (doc.get("category_scaling") or {}).get("ingest_ratio_160_over_10")
+    by_size = (doc.get("ingest") or {}).get("by_size") or {}
+
+    def per_cpu(size: int, target: str) -> bool | None:
+        row = by_size.get(str(size))
+        return None if row is None or row["ratio_per_cpu"] is None else row["ratio_per_cpu"] >= TARGETS[target]
+
     return {
         "train_overhead_ratio_le_1.10": None if overhead is None else overhead <= TARGETS["train_overhead_ratio_max"],
         "zero_stage3_le_0.55_stage0": None if zero is None else zero <= TARGETS["zero_stage3_over_stage0_max"],
         "ingest_160_over_10_within_10pct": None if scaling is None else abs(scaling - 1)
         <= TARGETS["ingest_160_over_10_tolerance"],
+        "ingest_64px_ge_0.5_per_cpu": per_cpu(64, "ingest_per_cpu_64_min"),
+        "ingest_256px_ge_0.8_per_cpu": per_cpu(LARGE_SIZE, "ingest_per_cpu_256_min"),
     }
 
 
 def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS, workdir: str | None = None,
-        peak_tflops: float | None = None, sizes: Sizes | None = None, address: str | None = None) -> dict:
-    """Run the chosen sections and return the benchmark document (sections not run are ``None``).
+        peak_tflops: float | None = None, sizes: Sizes | None = None, address: str | None = None,
+        figures: str | None = None) -> dict:
+    """Run the chosen sections and return the benchmark document (sections not run are ``None``); the
+    ingest figure goes to the folder ``figures`` when given.
     The sections without Ray run first, before Ray's processes share the machine with them. Ray is
     the one ``address`` names (``pipelines.runtime.start_ray``: RAY_ADDRESS when unset, else a
     private local Ray on this machine's cores)."""
@@ -126,7 +137,9 @@ def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS, workdir: str 
         if "serving" in wanted:
             _progress(start, "serving: anomdiff predict in batches and one by one; mlflow models serve latency")
             doc["serving"] = serving_section(work / "serving")
-        if ray_sections or (set(OPTIONAL_SECTIONS) - {"serving"}) & wanted or (doc["gpu"] and ray_address(address)):
+        # serving needs no Ray; evaluation_memory starts a private Ray in each of its own processes.
+        trains = (set(OPTIONAL_SECTIONS) - {"serving", "evaluation_memory"}) & wanted
+        if ray_sections or trains or (doc["gpu"] and ray_address(address)):
             # Workers' output stays off the console: the sections print their own progress.
             start_ray(address, quiet=True, num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)
             doc["machine"]["ray_cluster"] = _cluster_resources()
@@ -139,7 +152,10 @@ def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS, workdir: str 
         if {"ingest", "category_scaling"} & wanted:
             _progress(start, "ingest: Ray Data against the single-process loop")
             # The streamed training has already run Ray Data once; otherwise one pass warms it up.
-            doc["ingest"] = ingest_section(paths, sizes, image_size, warm_up="category_scaling" not in wanted)
+            large = make_large_dataset(work / "data", sizes) if "ingest" in wanted else None
+            figure = Path(figures) / "ingest_cpus.png" if figures and large else None
+            doc["ingest"] = ingest_section(paths, sizes, image_size, warm_up="category_scaling" not in wanted,
+                                           large=large, figure=figure)
         if "category_scaling" in wanted:
             _progress(start, "category scaling: ingest at 40 and 160 categories")
             doc["category_scaling"] = scaling_section(paths, sizes, image_size, doc["ingest"], scaling_train)
@@ -158,6 +174,9 @@ def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS, workdir: str 
         if "tune_inference" in wanted:
             _progress(start, "tune: the demo trained once, then a 50-trial inference-time search of its model")
             doc["tune_inference"] = tune_section(work / "tune_inference")
+        if "evaluation_memory" in wanted:
+            _progress(start, "evaluation memory: the driver's peak RSS at 1,000 and 10,000 test images")
+            doc["evaluation_memory"] = evaluation_memory_section(work / "evaluation_memory")
         if doc["gpu"] and _cluster_resources().get("GPU", 0) >= 2:
             _progress(start, "GPU: ZeRO stages 0-3 at DiAD's batch 12 on 2 GPU workers (sd15 preset)")
             doc["gpu"]["zero_memory"] = zero_section(replace(sizes, zero_preset="sd15", zero_overrides=RANDOM_WEIGHTS),
@@ -178,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
                              f"but {','.join(OPTIONAL_SECTIONS)})")
     parser.add_argument("--workdir", help="where the synthetic shards go (shared storage on a cluster; "
                                           "default: a temporary folder)")
+    parser.add_argument("--figures", help="folder for the ingest figure, ingest_cpus.png (default: the --json "
+                                          "file's folder)")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, if not in the built-in table")
     add_address_argument(parser)
     args = parser.parse_args(argv)
@@ -185,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(sections) - set(SECTIONS + OPTIONAL_SECTIONS))
     if unknown:
         raise ValueError(f"unknown sections {unknown}; choose from {', '.join(SECTIONS + OPTIONAL_SECTIONS)}")
-    doc = run(args.quick, sections, args.workdir, args.peak_tflops, address=args.address)
+    figures = args.figures or (str(Path(args.json_out).resolve().parent) if args.json_out else None)
+    doc = run(args.quick, sections, args.workdir, args.peak_tflops, address=args.address, figures=figures)
     print(markdown_table(doc))
     print(json.dumps(doc["targets"]))
     if args.json_out:

@@ -15,6 +15,12 @@ def markdown_table(doc: dict) -> str:
         rows.append(("ingest: Ray Data / single process (images/s)",
                      f"{_fmt(i['images_per_s'], '.0f')} / {_fmt(i['baseline_images_per_s'], '.0f')} = "
                      f"{_fmt(i['ratio'])}x, {_fmt(i['ratio_per_cpu'])} per CPU ({i['cpus']:g} CPUs)", ""))
+        for size, row in (i.get("by_size") or {}).items():
+            curve = ", ".join(f"{_fmt(v, '.0f')} at {c}" for c, v in row["images_per_s_by_cpus"].items())
+            per_cpu = ", ".join(f"{_fmt(v)} at {c}" for c, v in row["ratio_per_cpu_by_cpus"].items())
+            rows.append((f"ingest at {size} px: Ray Data limited to 1, 2... CPUs (images/s; single process "
+                         f"{_fmt(row['baseline_images_per_s'], '.0f')})", f"{curve}; per CPU {per_cpu}",
+                         f">= {row['target_per_cpu']:g} per CPU"))
     if doc.get("train_overhead"):
         t = doc["train_overhead"]
         rows.append((f"training step: Ray Train + DeepSpeed ZeRO-0 / plain PyTorch ({t['threads']} thread)",
@@ -40,6 +46,15 @@ def markdown_table(doc: dict) -> str:
         if n != n_exact:
             rows.append((f"streaming metrics at {n:,} maps", f"{m['streaming']['seconds']:.1f} s, peak "
                          f"{m['streaming']['peak_bytes'] / 2**20:.0f} MiB", ""))
+    if doc.get("evaluation_memory"):
+        e = doc["evaluation_memory"]
+        for n, row in e["by_images"].items():
+            for mode in (m for m in ("streaming", "exact") if m in row):
+                r = row[mode]
+                rows.append((f"evaluation driver, {int(n):,} test images of {e['image_size']} px ({mode}): "
+                             "peak RSS growth (own memory)",
+                             f"+{r['growth_bytes'] / 2**20:.0f} MiB (+{r['RssAnon_growth_bytes'] / 2**20:.0f} MiB), "
+                             f"{r['seconds']:.0f} s", ""))
     if doc.get("category_scaling"):
         c = doc["category_scaling"]
         ingest = " / ".join(_fmt(c["ingest_images_per_s"][str(n)], ".0f") for n in c["categories"])

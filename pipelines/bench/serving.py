@@ -86,7 +86,6 @@ def serving_section(work: Path, images: int = 64, requests: int = 100, batch_siz
     out["batched_over_one_by_one"] = ratio(out["batched_images_per_s"], out["one_by_one_images_per_s"])
 
     uri = f"sqlite:///{work / 'mlflow.db'}"
-    os.environ["ANOMDIFF_HOME"] = str(work / "home")
     ref = tracking.open_job_run(TrackingConfig(experiment="anomdiff-bench-serving", tracking_uri=uri), "serving")
     with tracking.resume(ref):
         registry.log_exported_model(model_dir, "bench-serving")
