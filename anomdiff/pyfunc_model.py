@@ -49,9 +49,11 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
     """Scores base64 images with the exported model in the ``model`` artifact."""
 
     def load_context(self, context) -> None:
+        import torch
+
         from anomdiff.inference import ImageScorer
 
-        self.scorer = ImageScorer(context.artifacts["model"])
+        self.scorer = ImageScorer(context.artifacts["model"], device="cuda" if torch.cuda.is_available() else "cpu")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if "image" not in model_input.columns:
