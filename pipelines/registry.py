@@ -98,8 +98,9 @@ class ResolvedModel:
 
 
 def resolve(model: str, download_to: Path | None = None) -> ResolvedModel:
-    """``models:/NAME@alias``, ``models:/NAME/VERSION``, ``runs:/RUN/model`` or an exported folder,
-    as an exported folder on this machine; errors name what was not found."""
+    """``models:/NAME@alias``, ``models:/NAME/VERSION``, ``models:/m-ID`` (a logged model),
+    ``runs:/RUN/model`` or an exported folder, as an exported folder on this machine; errors name
+    what was not found."""
     if not model.startswith(("models:/", "runs:/")):
         folder = Path(model)
         read_saved_config(folder)  # a folder that is not an exported model fails here, naming the file
@@ -107,8 +108,14 @@ def resolve(model: str, download_to: Path | None = None) -> ResolvedModel:
         return ResolvedModel(folder, trained_by.read_text().strip() if trained_by.is_file() else None)
     client = MlflowClient()
     name = version = None
-    if model.startswith("models:/"):
-        name, version = model_version(client, model.removeprefix("models:/"))
+    reference = model.removeprefix("models:/")
+    if model.startswith("models:/m-") and "@" not in reference and "/" not in reference:
+        try:  # MLflow 3's URI of a logged (not necessarily registered) model: models:/m-<id>
+            training_run, uri = mlflow.get_logged_model(reference).source_run_id, model
+        except MlflowException:
+            raise ValueError(f"{model}: no logged model {reference!r} in {mlflow.get_tracking_uri()}") from None
+    elif model.startswith("models:/"):
+        name, version = model_version(client, reference)
         source = client.get_model_version(name, version)
         training_run, uri = source.run_id, f"models:/{name}/{version}"
     else:

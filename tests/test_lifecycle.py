@@ -155,10 +155,13 @@ def test_predict_from_the_champion_writes_scores_decisions_overlays_and_a_row_pe
     assert len(overlays) == 3
     assert Image.open(overlays[0]).size == (3 * 64, 48)  # a.png: image | heatmap | outline at its own size
 
-    # The same images one at a time and from the version number: the same scores.
-    one = predict(f"models:/m/{version}", [str(p) for p in paths[:3]], tmp_path / "one", batch_size=1,
-                  overlays=False, progress=False)
-    assert {r["path"]: r["score"] for r in one} == {r["path"]: r["score"] for r in scored}
+    # The same images one at a time, from the version number and from the logged model's own URI
+    # (MLflow 3's models:/m-<id>): the same scores.
+    logged = MlflowClient().get_model_version("m", version).source
+    for uri in (f"models:/m/{version}", logged):
+        one = predict(uri, [str(p) for p in paths[:3]], tmp_path / "one", batch_size=1, overlays=False,
+                      progress=False)
+        assert {r["path"]: r["score"] for r in one} == {r["path"]: r["score"] for r in scored}
 
 
 @pytest.mark.parametrize(("argv", "message"), [
