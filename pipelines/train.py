@@ -85,6 +85,19 @@ def _config_text(cfg: ExperimentConfig) -> str:
         return (Path(tmp) / RESOLVED_CONFIG).read_text()
 
 
+def autoscaler_ceiling() -> dict[str, float] | None:
+    """The resources the cluster holds at its maximum size, from the autoscaler's node groups
+    (KubeRay's worker groups x maxReplicas), or ``None`` where no autoscaler has published them.
+    Ray 2.60 exposes this only through ``ray._private.state`` (what Ray Train itself reads to
+    refuse an impossible worker group); any failure of that private call counts as unknown."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:
+        return None
+
+
 def check_resources(cfg: ExperimentConfig, spec: DataSpec) -> None:
     """Refuse a worker count the cluster cannot place, instead of waiting forever, and a training
     cache the object store cannot hold."""
@@ -96,6 +109,13 @@ def check_resources(cfg: ExperimentConfig, spec: DataSpec) -> None:
         return next(((r, n, available.get(r, 0)) for r, n in need.items() if n > available.get(r, 0)), None)
 
     short = shortfall()
+    ceiling = autoscaler_ceiling() if short and t.resource_wait_s > 0 else None
+    beyond = next(((r, n, ceiling.get(r, 0)) for r, n in need.items() if n > ceiling.get(r, 0)), None) \
+        if ceiling else None
+    if beyond:  # more than the autoscaler may ever add: no point in waiting
+        raise ValueError(f"train.num_workers={t.num_workers} needs {beyond[1]:g} {beyond[0]} but the autoscaler's node "
+                         f"groups hold at most {beyond[2]:g} at their maximum size; lower train.num_workers or "
+                         "train.cpus_per_worker, or raise the node groups' maxReplicas")
     if short and t.resource_wait_s > 0:  # an autoscaling cluster adds nodes when asked
         from ray.autoscaler.sdk import request_resources
 

@@ -152,6 +152,29 @@ def test_an_autoscaling_cluster_is_asked_for_the_workers_and_waited_for_within_t
         train.check_resources(cfg, train.preflight(cfg))
 
 
+def test_more_than_the_autoscalers_node_groups_can_ever_hold_is_refused_without_waiting(dataset, tmp_path,
+                                                                                        monkeypatch):
+    import ray.autoscaler.sdk
+
+    from pipelines import train
+
+    monkeypatch.setattr(train.ray, "cluster_resources", lambda: {"CPU": 2.0, "object_store_memory": 1e12})
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: pytest.fail("asked the autoscaler"))
+    monkeypatch.setattr(train.time, "sleep", lambda seconds: pytest.fail("waited for the impossible"))
+    monkeypatch.setattr(train, "autoscaler_ceiling", lambda: {"CPU": 3.0, "GPU": 0})
+    cfg = tiny_config(dataset, tmp_path / "run", "train.num_workers=8", "train.resource_wait_s=900")
+    with pytest.raises(ValueError, match="needs 4 CPU but the autoscaler's node groups hold at most 3"):
+        train.check_resources(cfg, train.preflight(cfg))
+    # Within the ceiling the same request is waited for, as before.
+    monkeypatch.setattr(train, "autoscaler_ceiling", lambda: {"CPU": 64.0})
+    monkeypatch.setattr(train.time, "sleep", lambda seconds: None)
+    clock = iter(range(0, 10_000, 10))
+    monkeypatch.setattr(train.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: None)
+    with pytest.raises(ValueError, match="after 900 s of waiting for the autoscaler"):
+        train.check_resources(cfg, train.preflight(cfg))
+
+
 def test_a_training_cache_the_object_store_cannot_hold_is_refused(dataset, tmp_path, monkeypatch):
     from pipelines import train
 
