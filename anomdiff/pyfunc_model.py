@@ -22,6 +22,7 @@ from mlflow.models import set_model
 from PIL import Image
 
 INPUT_COLUMNS = ("image", "category")
+BATCH = 16  # images per forward pass: a large request does not go to the device at once
 
 
 def decode_base64_image(text: str) -> np.ndarray:
@@ -62,10 +63,12 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
         categories = (model_input["category"] if "category" in model_input.columns
                       else pd.Series([None] * len(model_input)))
         rows = []
-        # Images of one category are scored as one batch.
+        # Images of one category are scored together, BATCH at a time.
         for category, group in model_input.groupby(categories.fillna("").to_numpy(), sort=False):
             images = [decode_base64_image(text) for text in group["image"]]
-            for position, prediction in zip(group.index, self.scorer.score(images, category or None), strict=True):
+            predictions = [p for start in range(0, len(images), BATCH)
+                           for p in self.scorer.score(images[start:start + BATCH], category or None)]
+            for position, prediction in zip(group.index, predictions, strict=True):
                 row = {"position": position, "score": prediction.score, "decision": prediction.decision}
                 if return_map:
                     row["anomaly_map"] = prediction.anomaly_map.astype(np.float32).tolist()

@@ -199,7 +199,8 @@ def evaluate(model: str, data_path: str, out_dir: str | None = None, overrides: 
     doc = {"num_images": doc["num_images"], "protocol": protocol(saved["config"]), **doc}
     files = report.write_report(doc, out, curves=curves, worst_cases=worst.cases(),
                                 title=f"{meta.get('experiment', 'model')} on {Path(data_path).name}")
-    _log(doc, out, tracking_cfg, source, data_path)
+    # The version's test metrics are the model's own: every category, its own settings.
+    _log(doc, out, tracking_cfg, source, data_path, link=not model_overrides and evaluated == list(categories))
     print((out / "metrics.md").read_text())
     print(f"report: {out} ({', '.join(sorted(p.name for p in files.values()))})")
     return doc
@@ -221,9 +222,11 @@ def _model_source(model: str, out_dir: str | None, tracking_cfg: TrackingConfig)
     return out, registry.resolve(model, download_to=out / "model")
 
 
-def _log(doc: dict, out: Path, tracking_cfg: TrackingConfig, source: ResolvedModel, data_path: str) -> None:
-    """The evaluation's own MLflow run, linked to the training run that produced the model and to the
-    registered versions of it, which get its test metrics as tags (what the promotion gate reads)."""
+def _log(doc: dict, out: Path, tracking_cfg: TrackingConfig, source: ResolvedModel, data_path: str,
+         link: bool = True) -> None:
+    """The evaluation's own MLflow run, linked to the training run that produced the model and, with
+    ``link`` (the model's own settings on all its categories), to the registered versions of it,
+    which get its test metrics as tags (what the promotion gate reads)."""
     model_dir, data_path = source.folder.resolve(), Path(data_path).resolve()
     tags = {"anomdiff.job": "evaluate", "anomdiff.model_dir": str(model_dir), "anomdiff.data_path": str(data_path)}
     if source.training_run:
@@ -232,8 +235,8 @@ def _log(doc: dict, out: Path, tracking_cfg: TrackingConfig, source: ResolvedMod
     with tracking.resume(ref) as active:
         mlflow.log_params({"model_dir": str(model_dir), "data.path": str(data_path)})
         report.log_to_mlflow(doc, out)
-        if active is not None:
-            versions = registry.link_evaluation(source, doc, ref.run_id)
+        if active is not None and link:
+            versions = registry.link_evaluation(source, doc, ref.run_id, str(data_path))
             if versions:
                 mlflow.set_tag("anomdiff.model_versions", ",".join(versions))
                 print(f"test metrics recorded on model version {', '.join(versions)}")

@@ -18,6 +18,7 @@ import argparse
 import csv
 import io
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,8 +47,13 @@ def predict(model: str, images: list[str], out: Path, category: str | None = Non
     returns the rows."""
     paths = find_images(images)
     if model.startswith(("models:/", "runs:/")):
-        tracking.point_at_store(TrackingConfig(tracking_uri=tracking_uri))
-    scorer = ImageScorer(registry.resolve(model).folder)
+        store = TrackingConfig(tracking_uri=tracking_uri)
+        tracking.check_server(store)
+        tracking.point_at_store(store)
+        with tempfile.TemporaryDirectory(prefix="anomdiff-predict-") as download:  # gone once loaded
+            scorer = ImageScorer(registry.resolve(model, download_to=Path(download)).folder)
+    else:
+        scorer = ImageScorer(registry.resolve(model).folder)
     scorer.check_category(category)  # a category the model does not know stops here, before any image
     out.mkdir(parents=True, exist_ok=True)
     if overlays:

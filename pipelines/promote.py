@@ -8,8 +8,9 @@ The gate (``tracking.gate`` of the candidate's training config; the options belo
 candidate's validation image and pixel AUROC at least the floors and not below the alias holder's
 minus the tolerance; when the candidate has been evaluated (``anomdiff evaluate`` records test
 metrics on the version), its test metrics too, against the floors and against the holder's when the
-holder has them. A candidate that fails gets the ``challenger`` alias instead. Every decision, with
-the numbers compared, is printed and recorded on the candidate as tags (``promotion.*``).
+holder was evaluated on the same data. A candidate that fails gets the ``challenger`` alias
+instead. Every decision, with the numbers compared, is printed and recorded on the candidate as
+tags (``promotion.*``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def judge(candidate: dict[str, float], holder: dict[str, float] | None, gate: Pr
     return failures
 
 
+def _test_data(client: MlflowClient, name: str, version: str) -> str | None:
+    return client.get_model_version(name, version).tags.get("test_data")
+
+
 def promote(name: str, version: str | None = None, alias: str = "champion", dry_run: bool = False,
             force: bool = False, reason: str | None = None, gate_overrides: dict[str, float] | None = None) -> dict:
     """Decide, record and apply (unless ``dry_run``) one promotion; returns the decision."""
@@ -67,10 +72,14 @@ def promote(name: str, version: str | None = None, alias: str = "champion", dry_
     name, version = registry.model_version(client, reference.removeprefix("models:/"))
     try:
         holder_version = str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
+    except MlflowException as exc:  # no holder yet; any other failure stops the promotion
+        if not registry.not_found(exc):
+            raise
         holder_version = None
     candidate = registry.version_metrics(client, name, version)
     holder = registry.version_metrics(client, name, holder_version) if holder_version not in (None, version) else None
+    if holder and _test_data(client, name, holder_version) != _test_data(client, name, version):
+        holder = {k: v for k, v in holder.items() if not k.startswith("test_")}  # test sets differ: not comparable
     gate = gate_from_run(registry.training_config(client, name, version), gate_overrides or {})
     failures = judge(candidate, holder, gate)
     promoted = force or not failures

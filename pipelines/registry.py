@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,13 +65,19 @@ def log_exported_model(model_dir: Path, registered_model: str | None) -> tuple[s
                   **{k: meta[k] for k in VALIDATION_TAGS if meta.get(k) is not None}})
     if not registered_model:
         return logged.model_uri, None
-    version = mlflow.register_model(logged.model_uri, registered_model)
+    return logged.model_uri, register(logged.model_uri, registered_model, info)
+
+
+def register(model_uri: str, registered_model: str, info: dict) -> str:
+    """A new version of ``registered_model`` from a logged model, tagged with its validation metrics."""
+    meta = info["metadata"]
+    version = str(mlflow.register_model(model_uri, registered_model).version)
     client = MlflowClient()
     for tag, key in VALIDATION_TAGS.items():
         if meta.get(key) is not None:
-            client.set_model_version_tag(registered_model, version.version, tag, f"{float(meta[key]):.6f}")
-    client.set_model_version_tag(registered_model, version.version, "method", info["method"])
-    return logged.model_uri, str(version.version)
+            client.set_model_version_tag(registered_model, version, tag, f"{float(meta[key]):.6f}")
+    client.set_model_version_tag(registered_model, version, "method", info["method"])
+    return version
 
 
 def log_once(model_dir: Path, registered_model: str | None, record: Path) -> dict:
@@ -79,12 +86,24 @@ def log_once(model_dir: Path, registered_model: str | None, record: Path) -> dic
     the record: ``model_uri``, ``registered_model``, ``version``."""
     if record.is_file():
         done = json.loads(record.read_text())
-        if done.get("registered_model") == registered_model:
+        if done.get("registered_model") == registered_model or not registered_model:
             return done
+        version = register(done["model_uri"], registered_model, read_saved_config(model_dir))
+        done = {**done, "registered_model": registered_model, "version": version}
+        write_json_atomic(record, done)
+        return done
     uri, version = log_exported_model(model_dir, registered_model)
     done = {"model_uri": uri, "registered_model": registered_model, "version": version}
     write_json_atomic(record, done)
     return done
+
+
+NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # what the stores answer for a missing thing
+
+
+def not_found(exc: MlflowException) -> bool:
+    """Whether MLflow said "no such thing" (anything else, an unreachable server say, is re-raised)."""
+    return getattr(exc, "error_code", None) in NOT_FOUND
 
 
 @dataclass(frozen=True)
@@ -109,10 +128,12 @@ def resolve(model: str, download_to: Path | None = None) -> ResolvedModel:
     client = MlflowClient()
     name = version = None
     reference = model.removeprefix("models:/")
-    if model.startswith("models:/m-") and "@" not in reference and "/" not in reference:
+    if re.fullmatch(r"m-[0-9a-f]{32}", reference):
         try:  # MLflow 3's URI of a logged (not necessarily registered) model: models:/m-<id>
             training_run, uri = mlflow.get_logged_model(reference).source_run_id, model
-        except MlflowException:
+        except MlflowException as exc:
+            if not not_found(exc):
+                raise
             raise ValueError(f"{model}: no logged model {reference!r} in {mlflow.get_tracking_uri()}") from None
     elif model.startswith("models:/"):
         name, version = model_version(client, reference)
@@ -123,16 +144,21 @@ def resolve(model: str, download_to: Path | None = None) -> ResolvedModel:
         uri = model
         try:
             client.get_run(training_run)
-        except MlflowException:
+        except MlflowException as exc:
+            if not not_found(exc):
+                raise
             raise ValueError(f"{model}: no MLflow run {training_run!r} in {mlflow.get_tracking_uri()}") from None
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(download_to)
                                                          if download_to else None))
     except (MlflowException, OSError) as exc:
         raise ValueError(f"{model}: no logged anomdiff model there ({str(exc).splitlines()[0][:200]})") from None
-    folder = local / "artifacts" / MODEL_NAME
-    if not (folder / CONFIG_FILE).is_file():
-        raise ValueError(f"{model}: the artifact at {uri} is not an anomdiff pyfunc model (no artifacts/{MODEL_NAME})")
+    # The logged folder keeps its own name under artifacts/ (MLflow names it after the source folder).
+    found = sorted(local.glob(f"artifacts/*/{CONFIG_FILE}"))
+    if len(found) != 1:
+        raise ValueError(f"{model}: the artifact at {uri} is not an anomdiff pyfunc model (no exported model "
+                         "folder under artifacts/)")
+    folder = found[0].parent
     return ResolvedModel(folder, training_run, name, None if version is None else str(version))
 
 
@@ -142,18 +168,24 @@ def model_version(client: MlflowClient, reference: str) -> tuple[str, str]:
     name, _, number = name.partition("/")
     try:
         client.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as exc:
+        if not not_found(exc):
+            raise
         raise ValueError(f"models:/{reference}: no registered model {name!r} in {mlflow.get_tracking_uri()}") from None
     if alias:
         try:
             return name, str(client.get_model_version_by_alias(name, alias).version)
-        except MlflowException:
+        except MlflowException as exc:
+            if not not_found(exc):
+                raise
             raise ValueError(f"models:/{reference}: model {name!r} has no alias {alias!r} "
                              f"(aliases: {', '.join(aliases(client, name)) or 'none'})") from None
     if number:
         try:
             return name, str(client.get_model_version(name, number).version)
-        except MlflowException:
+        except MlflowException as exc:
+            if not not_found(exc):
+                raise
             raise ValueError(f"models:/{reference}: model {name!r} has no version {number}") from None
     return name, latest_version(client, name)
 
@@ -169,7 +201,7 @@ def latest_version(client: MlflowClient, name: str) -> str:
     return str(max(int(v.version) for v in versions))
 
 
-def link_evaluation(model: ResolvedModel, doc: dict, evaluation_run: str) -> list[str]:
+def link_evaluation(model: ResolvedModel, doc: dict, evaluation_run: str, data_path: str = "") -> list[str]:
     """Record an evaluation's test metrics on the model versions it evaluated (the one it was given,
     or every version registered from the training run) and link them to the evaluation run; returns
     ``NAME/VERSION`` of each."""
@@ -186,6 +218,7 @@ def link_evaluation(model: ResolvedModel, doc: dict, evaluation_run: str) -> lis
             if mean.get(key) is not None:
                 client.set_model_version_tag(name, version, tag, f"{float(mean[key]):.6f}")
         client.set_model_version_tag(name, version, "evaluation_run", evaluation_run)
+        client.set_model_version_tag(name, version, "test_data", data_path)
     return [f"{name}/{version}" for name, version in versions]
 
 

@@ -424,10 +424,16 @@ def run(cfg: ExperimentConfig, address: str | None = None, callbacks: list | Non
         tracking.log_metrics({"best/" + SELECTION_METRIC: metadata[SELECTION_METRIC],
                               "best/threshold": metadata["threshold"]})
         if active is not None:  # the store answers: the model goes to MLflow (and the registry) too
-            logged = registry.log_once(out / "model", cfg.tracking.registered_model, out / LOGGED_MODEL)
-            print(f"the model in MLflow: {logged['model_uri']}" + (
-                f", registered as {logged['registered_model']} version {logged['version']}" if logged["version"]
-                else ""))
+            try:
+                logged = registry.log_once(out / "model", cfg.tracking.registered_model, out / LOGGED_MODEL)
+            except Exception as exc:  # the model is exported whatever the store does: run the command again
+                print(f"[tracking] the model is exported to {out / 'model'} but not logged to MLflow "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); the same "
+                      "command logs it once the store answers", flush=True)
+            else:
+                print(f"the model in MLflow: {logged['model_uri']}" + (
+                    f", registered as {logged['registered_model']} version {logged['version']}"
+                    if logged["version"] else ""))
     return metadata
 
 

@@ -23,7 +23,9 @@ import csv
 import io
 import json
 import math
+import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -92,9 +94,13 @@ def training_trial(params: dict, base: dict | None = None, metric=None, out: str
 
     trial = _record_launch(out)
     folder = Path(out) / "trials" / trial
-    overrides = [f"{k}={yaml_value(v)}" for k, v in params.items()] + [f"output_dir={folder}"]
+    # A trial's model is not a registry candidate (best.yaml's training is).
+    overrides = [f"{k}={yaml_value(v)}" for k, v in params.items()] + [f"output_dir={folder}",
+                                                                       "tracking.registered_model=null"]
     if separate_stores:  # one SQLite file per trial: parallel writers lock a shared one
-        overrides.append(f"tracking.tracking_uri=sqlite:///{folder / 'mlflow.db'}")
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        overrides.append(f"tracking.tracking_uri={uri}")
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # this trial's process only; wins over a user's variable
     cfg = ExperimentConfig.from_dict(apply_overrides(base, overrides))
     train.run(cfg, callbacks=[ReportObjective(metric)])
 
@@ -159,17 +165,17 @@ def _concurrency(spec: SearchSpec, need: dict[str, float]) -> int:
 
 
 def _validation_batches(spec: SearchSpec, cfg: ExperimentConfig, model) -> list[dict]:
-    """The decoded validation images of the model's own training data (the same hold-out), or of
-    ``data.path`` when given; as NumPy batches to share through the object store."""
-    from dataclasses import replace
-
+    """The decoded validation images of the model's own training data (its run's hold-out fraction
+    and seed, on ``data.path`` when given); as NumPy batches to share through the object store."""
     data = cfg.data
     saved_run = Path(spec.model).resolve().parent / RESOLVED_CONFIG
-    if not any(o.startswith("data.") for o in spec.experiment_overrides):
-        if not saved_run.is_file():
-            raise ValueError(f"{spec.model}: no {RESOLVED_CONFIG} beside the model to find its training data; "
-                             "give data.path=DATA")
+    if saved_run.is_file():  # the model's own hold-out (fraction, seed), so no training image is scored
         data = load_config(saved_run).data
+        if any(o.startswith("data.path=") for o in spec.experiment_overrides):
+            data = replace(data, path=cfg.data.path)
+    elif not any(o.startswith("data.path=") for o in spec.experiment_overrides):
+        raise ValueError(f"{spec.model}: no {RESOLVED_CONFIG} beside the model to find its training data; "
+                         "give data.path=DATA")
     categories = model.metadata["categories"]
     data_spec = DataSpec.open(data, model.cfg.image_size, cfg.evaluate.batch_size)
     missing = [c for c in categories if c not in data_spec.manifest["counts"]]
@@ -180,13 +186,37 @@ def _validation_batches(spec: SearchSpec, cfg: ExperimentConfig, model) -> list[
             for b in dataset.iter_batches(batch_size=cfg.evaluate.batch_size, batch_format="numpy")]
 
 
+SEARCH_FILE = "search.json"  # what this output_dir searches: a resumed search must be the same search
+
+
+def _same_search(spec: SearchSpec, out: Path) -> None:
+    """Record the search in ``out`` the first time; refuse to resume a different one there."""
+    what = json.dumps({"experiment": spec.experiment, "space": {k: [d.kind, d.args] for k, d in spec.space.items()},
+                       "metric": spec.metric, "num_trials": spec.num_trials,
+                       "model": str(Path(spec.model).resolve()) if spec.model else None,
+                       "overrides": spec.experiment_overrides, "search": spec.search, "scheduler": spec.scheduler,
+                       "reduction_factor": spec.reduction_factor}, indent=1, sort_keys=True)
+    recorded = out / SEARCH_FILE
+    if recorded.is_file() and recorded.read_text() != what:
+        raise FileExistsError(f"{out} holds another search (its {SEARCH_FILE} differs); choose a new output_dir "
+                              "or delete the old search")
+    if not recorded.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(recorded, what)
+
+
 def run(spec: SearchSpec, address: str | None = None) -> dict:
     """Run (or resume) the search; returns the best trial's row."""
     from anomdiff.models import load_model
 
     out = Path(spec.output_dir).resolve()
     cfg = spec.config()
+    # Trials run in folders of their own: every path they read is made absolute here.
+    cfg.data.path = str(Path(cfg.data.path).resolve()) if cfg.data.path else cfg.data.path
     tracking.check_server(cfg.tracking)
+    _same_search(spec, out)
+    if not spec.inference_time:
+        DataSpec.open(cfg.data, cfg.model.image_size)  # a missing or unreadable dataset stops it here
     model = load_model(spec.model) if spec.inference_time else None
     if model is not None:
         model.eval()

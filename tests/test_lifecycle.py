@@ -105,11 +105,18 @@ def test_the_gate_promotes_refuses_a_worse_candidate_and_a_forced_rollback_needs
     assert promote.promote("m", gate_overrides={"tolerance": 0.15})["decision"] == "promoted"
     assert champion(client) == worse
 
+    # Rolling back to version 1 against a gate it fails (its validation image AUROC is below the floor
+    # asked for): refused without --force, forced with a reason.
+    strict = {"min_image_auroc": 0.95}
+    assert promote.promote("m", version=first, gate_overrides=strict)["decision"] == "refused"
+    assert champion(client) == worse
     with pytest.raises(ValueError, match="--force needs --reason"):
-        promote.promote("m", version=first, force=True)
-    rolled = promote.promote("m", version=first, force=True, reason="v2 misses scratches")
-    assert rolled["previous"] == worse and champion(client) == first
-    assert client.get_model_version("m", first).tags["promotion.decision"] == "promoted"
+        promote.promote("m", version=first, force=True, gate_overrides=strict)
+    rolled = promote.promote("m", version=first, force=True, reason="v2 misses scratches", gate_overrides=strict)
+    assert rolled["decision"] == "forced" and rolled["previous"] == worse and champion(client) == first
+    record = client.get_model_version("m", first).tags
+    assert record["promotion.decision"] == "forced"
+    assert json.loads(record["promotion.champion"])["reason"] == "v2 misses scratches"
 
 
 def test_the_gate_reads_floors_from_the_training_config_and_test_metrics_once_evaluated(store, tmp_path):

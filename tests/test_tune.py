@@ -121,7 +121,7 @@ def test_an_interrupted_inference_search_resumes_without_rerunning_finished_tria
     before = _launches(out)
     finished = {p.name.split("_")[2] for p in (out / "ray" / "search").glob("inference_trial_*")
                 if (p / "result.json").is_file() and (p / "result.json").read_text().strip()}
-    assert 0 < len(before) < 12
+    assert 0 < len(before) < 12 and finished
 
     done = subprocess.run([sys.executable, "-m", "pipelines.tune", *args], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
@@ -174,3 +174,13 @@ def test_a_training_search_runs_one_training_per_trial_and_asha_stops_the_poor_o
     again = load_config(out / "best.yaml")  # a ready-to-run experiment
     assert again.seed == int(best["seed"]) and again.output_dir == str(out / "best_run")
     assert yaml.safe_load((out / "best.yaml").read_text())["data"]["path"] == str(dataset)
+
+
+def test_a_search_resumes_only_as_the_same_search(dataset, model, tmp_path):
+    from pipelines.tune import _same_search
+
+    first = load_search(INFERENCE, [f"model={model}", f"output_dir={tmp_path}"])
+    _same_search(first, tmp_path)
+    _same_search(first, tmp_path)  # the same command again: resumes
+    with pytest.raises(FileExistsError, match="holds another search"):
+        _same_search(load_search(INFERENCE, [f"model={model}", f"output_dir={tmp_path}", "num_trials=7"]), tmp_path)
