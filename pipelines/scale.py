@@ -17,7 +17,8 @@ or a failure runs only the cells without one (a cell's training resumes from its
 
 Results, from the driver only: ``scaling.csv`` (a row per cell: image and pixel AUROC, AUPRO and
 image AP as mean and spread over the categories, the anchor categories' AUROC, training time, the
-denoiser's training images/s, evaluation images/s, rank 0's peak worker memory, parameters),
+denoiser's training images/s, evaluation images/s, rank 0's peak worker memory, trained parameters
+and every value the exported model holds (a memory bank included)),
 figures in ``figures/``, and an MLflow parent run with a child run per cell.
 """
 
@@ -43,7 +44,7 @@ LAUNCHES = "launches.log"  # one line per cell start: what a rerun did redo
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap")
 COLUMNS = ["K", "method", "steps", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
            "anchor_categories", "anchor_image_auroc", "anchor_pixel_auroc", "train_s", "train_images_per_s",
-           "eval_s", "eval_images_per_s", "worker_peak_rss_mb", "cell_peak_rss_mb", "parameters"]
+           "eval_s", "eval_images_per_s", "worker_peak_rss_mb", "cell_peak_rss_mb", "parameters", "model_values"]
 
 
 # --- inside a cell -----------------------------------------------------------------------------
@@ -91,6 +92,7 @@ def run_cell(spec: SweepSpec, cell: Cell, separate_store: bool) -> dict:
         "worker_peak_rss_mb": metadata.get(train.WORKER_PEAK_RSS),
         "cell_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "parameters": int(model.parameter_counts()["total"]),
+        "model_values": sum(t.numel() for t in model.state_dict().values()),
         "mean": doc["mean"], "per_category": {c: {m: row.get(m) for m in METRICS}
                                               for c, row in doc["per_category"].items()},
     }
@@ -181,7 +183,8 @@ def _rows(spec: SweepSpec, results: list[dict]) -> list[dict]:
         for metric in ("image_auroc", "pixel_auroc"):
             row[f"anchor_{metric}"] = spread([per[c].get(metric) for c in anchors if c in per])[0]
         row.update({k: r.get(k) for k in ("train_s", "train_images_per_s", "eval_s", "eval_images_per_s",
-                                          "worker_peak_rss_mb", "cell_peak_rss_mb", "parameters")})
+                                          "worker_peak_rss_mb", "cell_peak_rss_mb", "parameters",
+                                          "model_values")})
         rows.append(row)
     return rows
 
