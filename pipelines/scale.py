@@ -40,6 +40,7 @@ from anomdiff.sweep import Cell, SweepSpec, load_sweep, spread
 from pipelines import runtime, tracking
 
 RESULT = "result.json"
+TRAIN_TIME = "train_time.json"  # the training's wall time, kept when only a cell's evaluation is redone
 LAUNCHES = "launches.log"  # one line per cell start: what a rerun did redo
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap")
 COLUMNS = ["K", "method", "steps", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
@@ -76,9 +77,16 @@ def run_cell(spec: SweepSpec, cell: Cell, separate_store: bool) -> dict:
         f.write(f"{cell.name} {time.time():.3f}\n")
     store = [f"tracking.tracking_uri=sqlite:///{folder / 'mlflow.db'}"] if separate_store else []
     cfg = spec.config(cell, [f"output_dir={folder / 'run'}", *store])
-    tick = time.perf_counter()
-    metadata = train.run(cfg)
-    train_s = time.perf_counter() - tick
+    timing = folder / TRAIN_TIME
+    if timing.is_file() and (folder / "run" / "model").is_dir():  # trained before: only the evaluation failed
+        train.preflight(cfg)  # the same experiment as the model's
+        train_s = json.loads(timing.read_text())["train_s"]
+        metadata = load_model(folder / "run" / "model").metadata
+    else:
+        tick = time.perf_counter()
+        metadata = train.run(cfg)
+        train_s = time.perf_counter() - tick
+        write_json_atomic(timing, {"train_s": train_s})
     tick = time.perf_counter()
     doc = evaluate.evaluate(str(folder / "run" / "model"), cfg.data.path, str(folder / "evaluation"),
                             [f"evaluate.batch_size={cfg.evaluate.batch_size}",
@@ -209,6 +217,13 @@ def _by_method(spec: SweepSpec, rows: list[dict]) -> dict[str, list[dict]]:
     return {m: g for m, g in grouped.items() if g}
 
 
+def _log_k_axis(ax, spec: SweepSpec) -> None:
+    ax.set_xscale("log")
+    ax.minorticks_off()
+    ax.set_xticks(spec.categories, [str(k) for k in spec.categories])
+    ax.set_xlabel("categories K")
+
+
 def _figures(spec: SweepSpec, rows: list[dict], results: list[dict], folder: Path) -> list[Path]:
     """AUROC against K (a band: the spread over categories; dashed: the anchor categories), per-category
     AUROC as a box per K, cost against K, and the drop from the smallest to the largest K."""
@@ -237,10 +252,9 @@ def _figures(spec: SweepSpec, rows: list[dict], results: list[dict], folder: Pat
             line, = ax.plot(ks, mean, marker="o", label=method)
             ax.fill_between(ks, mean - std, mean + std, color=line.get_color(), alpha=0.2)
             ax.plot(ks, [r[f"anchor_{metric}"] for r in group], ls="--", color=line.get_color(), lw=1)
-        ax.set_xscale("log")
-        ax.set_xticks(spec.categories, [str(k) for k in spec.categories])
-        ax.set_xlabel("categories K")
-        ax.set_ylabel(f"mean {metric.replace('_', ' ')} (band: +-1 sd over categories)")
+        _log_k_axis(ax, spec)
+        ax.set_ylabel(metric.replace("_", " ").replace("auroc", "AUROC"))
+        ax.set_title("mean, +-1 sd over categories", fontsize=9)
     axes[0].legend(title="method (dashed: anchors)", fontsize=8)
     save(fig, "auroc_vs_categories.png")
 
@@ -261,9 +275,7 @@ def _figures(spec: SweepSpec, rows: list[dict], results: list[dict], folder: Pat
         axes[1].plot(ks, [r["worker_peak_rss_mb"] if r["worker_peak_rss_mb"] is not None else math.nan
                           for r in group], marker="o", label=method)
     for ax, label in zip(axes, ("training time (s)", "peak worker memory, rank 0 (MB RSS)"), strict=True):
-        ax.set_xscale("log")
-        ax.set_xticks(spec.categories, [str(k) for k in spec.categories])
-        ax.set_xlabel("categories K")
+        _log_k_axis(ax, spec)
         ax.set_ylabel(label)
     axes[0].legend(fontsize=8)
     save(fig, "cost_vs_categories.png")

@@ -99,12 +99,14 @@ def test_a_two_by_two_sweep_writes_its_results_and_redoes_only_a_missing_cell(da
             assert (out / "figures" / f"{name}.png").stat().st_size > 0
         assert sorted(_launches(out)) == ["K2-diad", "K2-knn", "K4-diad", "K4-knn"]
 
+        trained_s = json.loads((out / "cells" / "K2-diad" / "result.json").read_text())["train_s"]
         (out / "cells" / "K2-diad" / "result.json").unlink()
         kept = {c: (out / "cells" / c / "result.json").stat().st_mtime_ns for c in ("K2-knn", "K4-diad", "K4-knn")}
         cli.main(args)
         assert sorted(_launches(out)) == ["K2-diad", "K2-diad", "K2-knn", "K4-diad", "K4-knn"]
         assert kept == {c: (out / "cells" / c / "result.json").stat().st_mtime_ns for c in kept}
-        assert (out / "cells" / "K2-diad" / "result.json").is_file()
+        redone = json.loads((out / "cells" / "K2-diad" / "result.json").read_text())
+        assert redone["train_s"] == trained_s  # its finished training reused, its time kept
     finally:
         ray.shutdown()
 
