@@ -13,7 +13,8 @@ method) is a Ray task that trains on the first K categories of one seeded order 
 categories' test split with ``pipelines.evaluate.evaluate``; as many cells run at once as the
 cluster's CPUs (and GPUs) hold their workers plus a CPU for Ray Data's Parquet reads. A finished
 cell writes ``output_dir/cells/K<k>-<method>/result.json``; the same command after an interruption
-or a failure runs only the cells without one (a cell's training resumes from its own folder).
+or a failure runs only the cells without one (a cell's training resumes from its own folder; a
+finished training is reused with the time it recorded).
 
 Results, from the driver only: ``scaling.csv`` (a row per cell: image and pixel AUROC, AUPRO and
 image AP as mean and spread over the categories, the anchor categories' AUROC, training time, the
