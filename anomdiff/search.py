@@ -127,24 +127,39 @@ def _metric(path: Path, metric: Any) -> dict[str, float]:
     return {name: float(weight) for name, weight in weights.items()}
 
 
+def read_job_file(path: Path, overrides: list[str], top_keys: tuple[str, ...]) -> tuple[dict, list[str]]:
+    """A job file of ``top_keys`` over a base experiment (a search, a sweep) with its command-line
+    overrides: a top-level key replaces the file's value, any other dotted key is returned as an
+    override of the base experiment; an unknown key fails naming the nearest spelling."""
+    data = read_yaml(path)
+    experiment_overrides = []
+    for item in overrides:
+        keys, value = parse_override(item)
+        if len(keys) == 1 and keys[0] in top_keys:
+            data[keys[0]] = value
+        elif len(keys) == 1 and keys[0] not in ExperimentConfig.__dataclass_fields__:
+            raise UnknownKeyError(keys[0], list(dict.fromkeys([*top_keys, *ExperimentConfig.__dataclass_fields__])))
+        else:
+            experiment_overrides.append(item)
+    for key in data:
+        if key not in top_keys:
+            raise UnknownKeyError(key, list(top_keys))
+    return data, experiment_overrides
+
+
+def experiment_path(value: str) -> str:
+    """A job file's base experiment: a path, or one relative to the repository (conf/experiment/...)
+    from anywhere."""
+    experiment = Path(value)
+    return str(experiment if experiment.is_absolute() or experiment.is_file() else CONF_DIR.parent / experiment)
+
+
 def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
     """Read, override and check a search file: unknown keys (with the nearest spelling), an empty
     space, an unknown metric, values outside a key's valid range, and for an inference-time search
     a ``model`` that is not an exported model all fail here, naming the key."""
     path = Path(path)
-    data = read_yaml(path)
-    experiment_overrides = []
-    for item in overrides:
-        keys, value = parse_override(item)
-        if len(keys) == 1 and keys[0] in TOP_KEYS:
-            data[keys[0]] = value
-        elif len(keys) == 1 and keys[0] not in ExperimentConfig.__dataclass_fields__:
-            raise UnknownKeyError(keys[0], list(dict.fromkeys([*TOP_KEYS, *ExperimentConfig.__dataclass_fields__])))
-        else:
-            experiment_overrides.append(item)
-    for key in data:
-        if key not in TOP_KEYS:
-            raise UnknownKeyError(key, list(TOP_KEYS))
+    data, experiment_overrides = read_job_file(path, overrides, TOP_KEYS)
     for key in ("experiment", "space", "metric", "num_trials", "output_dir"):
         if data.get(key) in (None, "", {}):
             raise ValueError(f"{path}: {key} is missing" + (" or empty: name at least one key to search"
@@ -154,11 +169,9 @@ def load_search(path: str | Path, overrides: list[str] = ()) -> SearchSpec:
     num_trials = data["num_trials"]
     if isinstance(num_trials, bool) or not isinstance(num_trials, int) or not 1 <= num_trials <= 100_000:
         raise ValueError(f"{path}: num_trials must be an integer in [1, 100000], got {num_trials!r}")
-    experiment = Path(data["experiment"])
-    if not experiment.is_absolute() and not experiment.is_file():
-        experiment = CONF_DIR.parent / experiment  # conf/experiment/... from anywhere
     spec = SearchSpec(
-        experiment=str(experiment), space={k: _distribution(path, k, v) for k, v in data["space"].items()},
+        experiment=experiment_path(data["experiment"]),
+        space={k: _distribution(path, k, v) for k, v in data["space"].items()},
         metric=_metric(path, data["metric"]), num_trials=num_trials, output_dir=str(data["output_dir"]),
         model=data.get("model"), search=data.get("search", "optuna"), scheduler=data.get("scheduler", "asha"),
         reduction_factor=data.get("reduction_factor", 2), max_concurrent=data.get("max_concurrent"),

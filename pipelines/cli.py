@@ -1,6 +1,6 @@
 """The ``anomdiff`` console script (README, "Command line").
 
-Data and model commands run here in-process; the jobs (the Ray programs ``train``, ``evaluate``,
+Data and model commands run here in-process; the jobs (the Ray programs ``train``, ``evaluate``, ``scale``,
 ``tune``, ``bench``, and ``predict`` and ``promote``, which need no Ray) are ``python -m pipelines.<job>``
 programs and the subcommand forwards its arguments to their ``main``.
 """
@@ -27,6 +27,7 @@ JOBS = {
     "tune": "pipelines.tune",
     "predict": "pipelines.predict",
     "promote": "pipelines.promote",
+    "scale": "pipelines.scale",
 }
 
 

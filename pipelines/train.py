@@ -45,6 +45,7 @@ SELECTION_METRIC = "val_image_auroc"
 STATE_FILE = "train_state.json"
 RESOLVED_CONFIG = "config.yaml"
 PLACEMENT_GROUP = "placement_group"
+WORKER_PEAK_RSS = "worker_peak_rss_mb"
 LOGGED_MODEL = "mlflow_model.json"  # where the run's model went in MLflow: a finished run is not logged twice
 
 
@@ -229,7 +230,7 @@ def train_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as directory:
             engine.save_checkpoint(directory, tag="ds")
             if rank == 0:
-                write_json_atomic(Path(directory) / STATE_FILE, {"step": step, **result})
+                write_json_atomic(Path(directory) / STATE_FILE, {"step": step, **result, **_peak_rss()})
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         if rank == 0:
             _report_validation(step, result)
@@ -292,13 +293,21 @@ def bank_worker(config: dict) -> None:
                 batch_size=cfg.evaluate.batch_size, device=device)
             result = validate(model, validation, cfg.train.validation_images, seed=cfg.seed)
             model.save(Path(directory) / "model")
-            write_json_atomic(Path(directory) / STATE_FILE, {"step": 0, **result})
+            write_json_atomic(Path(directory) / STATE_FILE, {"step": 0, **result, **_peak_rss()})
             shared = [{"step": 0, **{k: v for k, v in result.items() if k != "score_range"}, **_placement()}]
             _report_validation(0, result, config["mlflow"])
         if distributed:
             dist.broadcast_object_list(shared, src=0)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
         ray.train.report(shared[0], checkpoint=checkpoint)
+
+
+def _peak_rss() -> dict[str, float]:
+    """This worker process's peak resident memory so far (rank 0's, saved with each checkpoint and
+    exported with the model: what ``anomdiff scale`` reports as peak memory per worker)."""
+    import resource
+
+    return {WORKER_PEAK_RSS: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # KiB on Linux
 
 
 def _placement() -> dict[str, str]:
@@ -373,7 +382,7 @@ def export_model(cfg: ExperimentConfig, categories: list[str], checkpoint_dir: P
     metadata = {"categories": categories, "threshold": state["threshold"], "score_range": state["score_range"],
                 "step": state["step"], SELECTION_METRIC: state[SELECTION_METRIC],
                 "val_pixel_auroc": state["val_pixel_auroc"], "val_images": state.get("val_images"),
-                "experiment": cfg.name}
+                "experiment": cfg.name, WORKER_PEAK_RSS: state.get(WORKER_PEAK_RSS)}
     model.save(out, metadata=metadata)  # atomic: the previous model stays whole until the new one is in
     return metadata
 
