@@ -30,6 +30,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -76,8 +77,13 @@ def run_cell(spec: SweepSpec, cell: Cell, separate_store: bool) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     with open(Path(spec.output_dir) / LAUNCHES, "a") as f:
         f.write(f"{cell.name} {time.time():.3f}\n")
-    store = [f"tracking.tracking_uri=sqlite:///{folder / 'mlflow.db'}"] if separate_store else []
-    cfg = spec.config(cell, [f"output_dir={folder / 'run'}", *store])
+    store = []
+    if separate_store:  # one SQLite file per cell: parallel writers lock a shared one
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        store = [f"tracking.tracking_uri={uri}"]
+        os.environ["MLFLOW_TRACKING_URI"] = uri  # this cell's process only; wins over a user's variable
+    # A cell's model is a measurement, not a registry candidate.
+    cfg = spec.config(cell, [f"output_dir={folder / 'run'}", "tracking.registered_model=null", *store])
     timing = folder / TRAIN_TIME
     if timing.is_file() and (folder / "run" / "model").is_dir():  # trained before: only the evaluation failed
         train.preflight(cfg)  # the same experiment as the model's
