@@ -30,7 +30,6 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -77,11 +76,7 @@ def run_cell(spec: SweepSpec, cell: Cell, separate_store: bool) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     with open(Path(spec.output_dir) / LAUNCHES, "a") as f:
         f.write(f"{cell.name} {time.time():.3f}\n")
-    store = []
-    if separate_store:  # one SQLite file per cell: parallel writers lock a shared one
-        uri = f"sqlite:///{folder / 'mlflow.db'}"
-        store = [f"tracking.tracking_uri={uri}"]
-        os.environ["MLFLOW_TRACKING_URI"] = uri  # this cell's process only; wins over a user's variable
+    store = tracking.own_sqlite_store(folder) if separate_store else []
     # A cell's model is a measurement, not a registry candidate.
     cfg = spec.config(cell, [f"output_dir={folder / 'run'}", "tracking.registered_model=null", *store])
     timing = folder / TRAIN_TIME
@@ -148,7 +143,7 @@ def run(spec: SweepSpec, address: str | None = None) -> list[dict]:
     runtime.start_ray(address)
     out.mkdir(parents=True, exist_ok=True)
     tracking.use_experiment(base.tracking)  # the store exists before any cell could touch it
-    separate = tracking.tracking_uri(base.tracking.tracking_uri).startswith("sqlite:")
+    separate = tracking.uses_sqlite(base.tracking)
     cells = spec.cells()
     todo = [c for c in cells if read_result(spec, c) is None]
     at_once = concurrency(base)

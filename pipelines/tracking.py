@@ -66,6 +66,19 @@ def check_server(cfg: TrackingConfig, timeout_s: float = 5.0) -> None:
                          "ANOMDIFF_HOME") from None
 
 
+def own_sqlite_store(folder: Path) -> list[str]:
+    """Send this process's MLflow logging to a SQLite file in ``folder`` (a search trial, a sweep
+    cell: parallel writers lock a shared SQLite file); returns the config override that says so.
+    The variable is set too, so the file wins over a user's MLFLOW_TRACKING_URI in this process."""
+    uri = f"sqlite:///{Path(folder) / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return [f"tracking.tracking_uri={uri}"]
+
+
+def uses_sqlite(cfg: TrackingConfig) -> bool:
+    return tracking_uri(cfg.tracking_uri).startswith("sqlite:")
+
+
 def point_at_store(cfg: TrackingConfig) -> str:
     """Point MLflow at the store of a ``tracking`` section (no experiment needed: registry commands)."""
     uri = tracking_uri(cfg.tracking_uri)

@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import math
-import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -97,10 +96,8 @@ def training_trial(params: dict, base: dict | None = None, metric=None, out: str
     # A trial's model is not a registry candidate (best.yaml's training is).
     overrides = [f"{k}={yaml_value(v)}" for k, v in params.items()] + [f"output_dir={folder}",
                                                                        "tracking.registered_model=null"]
-    if separate_stores:  # one SQLite file per trial: parallel writers lock a shared one
-        uri = f"sqlite:///{folder / 'mlflow.db'}"
-        overrides.append(f"tracking.tracking_uri={uri}")
-        os.environ["MLFLOW_TRACKING_URI"] = uri  # this trial's process only; wins over a user's variable
+    if separate_stores:
+        overrides += tracking.own_sqlite_store(folder)
     cfg = ExperimentConfig.from_dict(apply_overrides(base, overrides))
     train.run(cfg, callbacks=[ReportObjective(metric)])
 
@@ -236,7 +233,7 @@ def run(spec: SearchSpec, address: str | None = None) -> dict:
         # Each run's workers, and a CPU for its Parquet reads (Ray Data's read tasks take a whole one).
         need = {"CPU": t.num_workers * t.cpus_per_worker + max(1.0, cfg.data.decode_cpus),
                 "GPU": float(t.num_workers) if t.use_gpu else 0.0}
-        separate = tracking.tracking_uri(cfg.tracking.tracking_uri).startswith("sqlite:")
+        separate = tracking.uses_sqlite(cfg.tracking)
         trainable = tune.with_parameters(training_trial, base=cfg.to_dict(), metric=spec.metric, out=str(out),
                                          separate_stores=separate)
         # max_t past the last step: ASHA stops a trial that reaches max_t, before it could export its model.
