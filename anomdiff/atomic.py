@@ -9,8 +9,10 @@ the permissions the umask allows (``tempfile`` alone would make them private to 
 
 from __future__ import annotations
 
+import csv
 import ctypes
 import errno
+import io
 import json
 import os
 import re
@@ -174,6 +176,16 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def write_csv_atomic(path: str | Path, rows: list[dict], columns: list[str], extras: str = "raise") -> Path:
+    """Write ``rows`` as CSV with a header of ``columns``; ``extras="ignore"`` leaves out other keys
+    (``csv.DictWriter``'s ``extrasaction``), by default they are an error."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction=extras, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text_atomic(path, text.getvalue())
 
 
 def write_json_atomic(path: str | Path, doc: object) -> Path:

@@ -15,8 +15,6 @@ be read gets a row with its error, and the rest go on. No Ray: one process, batc
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import sys
 import tempfile
 import time
@@ -26,7 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from anomdiff.atomic import write_text_atomic
+from anomdiff.atomic import write_csv_atomic
 from anomdiff.config import TrackingConfig
 from anomdiff.data.images import load_rgb
 from anomdiff.inference import ImageScorer, Prediction, find_images
@@ -72,7 +70,7 @@ def predict(model: str, images: list[str], out: Path, category: str | None = Non
                 if overlays and isinstance(result, Prediction):
                     Image.fromarray(scorer.overlay(image, result)).save(out / "overlays" / overlay_name(index, path))
             bar.update(len(batch))
-    _write_csv(out / "predictions.csv", rows)
+    write_csv_atomic(out / "predictions.csv", rows, list(COLUMNS))
     scored = sum(1 for row in rows if not row["error"])
     print(f"scored {scored} of {len(rows)} images in {time.perf_counter() - start:.1f} s "
           f"({sum(1 for row in rows if row['decision'] == 'true')} anomalous at threshold {scorer.threshold}); "
@@ -93,14 +91,6 @@ def _row(path: Path, category: str | None, result: Prediction | Exception) -> di
         return {"path": str(path), "category": category or "", "score": "", "decision": "", "error": str(result)}
     return {"path": str(path), "category": category or "", "score": f"{result.score:.6g}",
             "decision": "true" if result.decision else "false", "error": ""}
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(path, text.getvalue())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +108,18 @@ def not_found(exc: MlflowException) -> bool:
     return getattr(exc, "error_code", None) in NOT_FOUND
 
 
+@contextmanager
+def missing_means(message: str) -> Iterator[None]:
+    """Inside the block, MLflow's "no such thing" becomes ``ValueError(message)`` (one line for the
+    user); every other MLflow error goes up as it is."""
+    try:
+        yield
+    except MlflowException as exc:
+        if not not_found(exc):
+            raise
+        raise ValueError(message) from None
+
+
 @dataclass(frozen=True)
 class ResolvedModel:
     """An exported model folder on this machine and where it came from in MLflow (when it did)."""
@@ -129,12 +143,9 @@ def resolve(model: str, download_to: Path | None = None) -> ResolvedModel:
     name = version = None
     reference = model.removeprefix("models:/")
     if re.fullmatch(r"m-[0-9a-f]{32}", reference):
-        try:  # MLflow 3's URI of a logged (not necessarily registered) model: models:/m-<id>
+        # MLflow 3's URI of a logged (not necessarily registered) model: models:/m-<id>
+        with missing_means(f"{model}: no logged model {reference!r} in {mlflow.get_tracking_uri()}"):
             training_run, uri = mlflow.get_logged_model(reference).source_run_id, model
-        except MlflowException as exc:
-            if not not_found(exc):
-                raise
-            raise ValueError(f"{model}: no logged model {reference!r} in {mlflow.get_tracking_uri()}") from None
     elif model.startswith("models:/"):
         name, version = model_version(client, reference)
         source = client.get_model_version(name, version)
@@ -142,12 +153,8 @@ def resolve(model: str, download_to: Path | None = None) -> ResolvedModel:
     else:
         training_run = model.removeprefix("runs:/").split("/")[0]
         uri = model
-        try:
+        with missing_means(f"{model}: no MLflow run {training_run!r} in {mlflow.get_tracking_uri()}"):
             client.get_run(training_run)
-        except MlflowException as exc:
-            if not not_found(exc):
-                raise
-            raise ValueError(f"{model}: no MLflow run {training_run!r} in {mlflow.get_tracking_uri()}") from None
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(download_to)
                                                          if download_to else None))
@@ -166,12 +173,8 @@ def model_version(client: MlflowClient, reference: str) -> tuple[str, str]:
     """``NAME@alias`` or ``NAME/VERSION`` (or ``NAME``: its latest version) as (name, version)."""
     name, alias = reference.split("@", 1) if "@" in reference else (reference, None)
     name, _, number = name.partition("/")
-    try:
+    with missing_means(f"models:/{reference}: no registered model {name!r} in {mlflow.get_tracking_uri()}"):
         client.get_registered_model(name)
-    except MlflowException as exc:
-        if not not_found(exc):
-            raise
-        raise ValueError(f"models:/{reference}: no registered model {name!r} in {mlflow.get_tracking_uri()}") from None
     if alias:
         try:
             return name, str(client.get_model_version_by_alias(name, alias).version)
@@ -181,12 +184,8 @@ def model_version(client: MlflowClient, reference: str) -> tuple[str, str]:
             raise ValueError(f"models:/{reference}: model {name!r} has no alias {alias!r} "
                              f"(aliases: {', '.join(aliases(client, name)) or 'none'})") from None
     if number:
-        try:
+        with missing_means(f"models:/{reference}: model {name!r} has no version {number}"):
             return name, str(client.get_model_version(name, number).version)
-        except MlflowException as exc:
-            if not not_found(exc):
-                raise
-            raise ValueError(f"models:/{reference}: model {name!r} has no version {number}") from None
     return name, latest_version(client, name)
 
 

@@ -26,8 +26,6 @@ figures in ``figures/``, and an MLflow parent run with a child run per cell.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import time
@@ -36,7 +34,7 @@ from pathlib import Path
 import mlflow
 import ray
 
-from anomdiff.atomic import write_json_atomic, write_text_atomic
+from anomdiff.atomic import write_csv_atomic, write_json_atomic
 from anomdiff.sweep import Cell, SweepSpec, load_sweep, spread
 from pipelines import runtime, tracking
 
@@ -200,11 +198,7 @@ def _rows(spec: SweepSpec, results: list[dict]) -> list[dict]:
 
 
 def _results(spec: SweepSpec, base, rows: list[dict], results: list[dict], out: Path) -> None:
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text_atomic(out / "scaling.csv", text.getvalue())
+    write_csv_atomic(out / "scaling.csv", rows, COLUMNS)
     print(f"[scale] {out / 'scaling.csv'}:")
     for row in rows:
         print(f"  K={row['K']:>4} {row['method']:>8}: image AUROC {row['image_auroc_mean']:.3f} "

@@ -19,8 +19,6 @@ without rerunning finished trials. Results: ``trials.csv``, a ranking, figures, 
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import math
 import time
@@ -33,7 +31,7 @@ import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from anomdiff.atomic import write_text_atomic
+from anomdiff.atomic import write_csv_atomic, write_text_atomic
 from anomdiff.config import ExperimentConfig, apply_overrides, load_config, save_config
 from anomdiff.search import SearchSpec, load_search, nested, yaml_value
 from pipelines import runtime, tracking
@@ -217,8 +215,7 @@ def run(spec: SearchSpec, address: str | None = None) -> dict:
     model = load_model(spec.model) if spec.inference_time else None
     if model is not None:
         model.eval()
-    runtime.start_ray(address)
-    out.mkdir(parents=True, exist_ok=True)
+    runtime.start_ray(address)  # out exists: _same_search made it
     tracking.use_experiment(cfg.tracking)  # the store exists before any trial could touch it
     param_space = {key: _distribution(d.kind, d.args) for key, d in spec.space.items()}
     if spec.inference_time:
@@ -301,11 +298,7 @@ def _results(spec: SearchSpec, cfg: ExperimentConfig, rows: list[dict], model, o
         raise RuntimeError(f"[tune] no trial reported {OBJECTIVE}; see the trials' errors under {out / 'ray'}")
     best = ranked[0]
     columns = ["trial", *spec.space, "metric", "val_image_auroc", "val_pixel_auroc", "status", "time_s", "steps"]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(sorted(rows, key=lambda r: r["_order"]))
-    write_text_atomic(out / "trials.csv", text.getvalue())
+    write_csv_atomic(out / "trials.csv", sorted(rows, key=lambda r: r["_order"]), columns, extras="ignore")
     print(f"[tune] ranking by {' + '.join(f'{w:g} x {m}' for m, w in spec.metric.items())} (validation):")
     for place, row in enumerate(ranked[:10], start=1):
         params = ", ".join(f"{k}={row[k]}" for k in spec.space)
