@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -39,13 +40,13 @@ from pipelines.data import DataSpec, validation_dataset
 from pipelines.train import PLACEMENT_GROUP, RESOLVED_CONFIG
 
 OBJECTIVE = "objective"
-LAUNCHES = "launches.log"  # one line per trial start: what a resumed search did run again
+LAUNCHES = "launches.log"  # trial, time, process per trial start: what a resumed search ran again, and where
 
 
 def _record_launch(out: str) -> str:
     trial = tune.get_context().get_trial_id()
     with open(Path(out) / LAUNCHES, "a") as f:
-        f.write(f"{trial} {time.time():.3f}\n")
+        f.write(f"{trial} {time.time():.3f} {os.getpid()}\n")
     return trial
 
 
@@ -53,7 +54,8 @@ def _record_launch(out: str) -> str:
 
 
 def inference_trial(params: dict, model=None, batches=None, metric=None, out: str = "", device: str = "cpu") -> None:
-    """Score the validation set with the shared model under ``params`` (inference keys)."""
+    """Score the validation set with the shared model under ``params`` (inference keys); ``model`` is
+    a fresh copy from the object store at every call, also in a reused process."""
     import torch
 
     from anomdiff.models.config import ModelConfig
@@ -254,7 +256,10 @@ def run(spec: SearchSpec, address: str | None = None) -> dict:
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", num_samples=_num_samples(spec),
                                         search_alg=_searcher(spec), scheduler=scheduler,
-                                        max_concurrent_trials=concurrency),
+                                        max_concurrent_trials=concurrency,
+                                        # An inference trial lasts seconds: starting a fresh process
+                                        # (torch imported, model fetched) for each would cost as much.
+                                        reuse_actors=spec.inference_time),
             run_config=tune.RunConfig(name="search", storage_path=str(storage), callbacks=callbacks, verbose=1))
     grid = tuner.fit()
     rows = _rows(spec, cfg, grid)

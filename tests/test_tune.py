@@ -91,9 +91,13 @@ def test_inference_keys_make_an_inference_search_and_any_other_key_a_training_se
     assert mixed.config({"train.lr": 0.001}).train.lr == 0.001
 
 
-def _launches(out: Path) -> list[str]:
+def _launch_lines(out: Path) -> list[list[str]]:
     path = out / "launches.log"
-    return [line.split()[0] for line in path.read_text().splitlines()] if path.is_file() else []
+    return [line.split() for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _launches(out: Path) -> list[str]:
+    return [trial for trial, *_ in _launch_lines(out)]
 
 
 @pytest.mark.slow
@@ -128,6 +132,8 @@ def test_an_interrupted_inference_search_resumes_without_rerunning_finished_tria
     assert done.returncode == 0, done.stderr[-3000:]
     after = _launches(out)
     assert len(set(after)) == 12
+    resumed = _launch_lines(out)[len(before):]
+    assert len({pid for *_, pid in resumed}) < len(resumed)  # trial processes reused, not one started per trial
     assert all(after.count(trial) == 1 for trial in finished)  # a finished trial is not launched again
 
     with open(out / "trials.csv") as f:
