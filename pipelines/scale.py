@@ -233,26 +233,33 @@ def _figures(spec: SweepSpec, rows: list[dict], results: list[dict], folder: Pat
     grouped = _by_method(spec, rows)
     paths = []
 
-    def save(fig, name: str) -> None:
-        fig.tight_layout()
+    def save(fig, name: str, rect=(0, 0, 1, 1)) -> None:
+        fig.tight_layout(rect=rect)
         fig.savefig(folder / name, dpi=110)
         plt.close(fig)
         paths.append(folder / name)
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    def quartiles(method: str, k: int, metric: str) -> list[float]:
+        cell = next(r for r in results if r["method"] == method and r["K"] == k)
+        values = [v[metric] for v in cell["per_category"].values() if v.get(metric) is not None]
+        return list(np.percentile(values, [25, 75])) if values else [np.nan, np.nan]
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, metric in zip(axes, ("image_auroc", "pixel_auroc"), strict=True):
         for method, group in grouped.items():
             ks = [r["K"] for r in group]
-            mean = np.array([r[f"{metric}_mean"] for r in group], dtype=float)
-            std = np.array([r[f"{metric}_std"] for r in group], dtype=float)
-            line, = ax.plot(ks, mean, marker="o", label=method)
-            ax.fill_between(ks, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            line, = ax.plot(ks, [r[f"{metric}_mean"] for r in group], marker="o", label=method)
+            # The interquartile range over categories: a band of +-1 sd would leave AUROC's [0, 1].
+            low, high = np.array([quartiles(method, k, metric) for k in ks]).T
+            ax.fill_between(ks, low, high, color=line.get_color(), alpha=0.15)
             ax.plot(ks, [r[f"anchor_{metric}"] for r in group], ls="--", color=line.get_color(), lw=1)
         _log_k_axis(ax, spec)
         ax.set_ylabel(metric.replace("_", " ").replace("auroc", "AUROC"))
-        ax.set_title("mean, +-1 sd over categories", fontsize=9)
-    axes[0].legend(title="method (dashed: anchors)", fontsize=8)
-    save(fig, "auroc_vs_categories.png")
+        ax.set_title("mean over categories; band: their 25-75th percentiles", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="method (dashed: the anchor categories)", fontsize=8, title_fontsize=8,
+               loc="lower center", ncol=len(labels), frameon=False)
+    save(fig, "auroc_vs_categories.png", rect=(0, 0.1, 1, 1))
 
     fig, axes = plt.subplots(1, len(grouped), figsize=(3.6 * len(grouped), 3.2), squeeze=False)
     for ax, method in zip(axes[0], grouped, strict=True):
