@@ -1,4 +1,5 @@
-"""What every job does the same way: which Ray it runs on, quiet Ray Data, and its overrides.
+"""What every job does the same way: which Ray it runs on, quiet Ray Data, its overrides, and the
+record of what a resumed job started again.
 
 Which Ray: a job joins a cluster only when one is asked for (an explicit ``--address``, or
 ``RAY_ADDRESS``, which ``ray job submit`` sets for the program it runs); otherwise it starts a
@@ -11,6 +12,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
+from pathlib import Path
 
 from anomdiff.config import apply_overrides, parse_override
 
@@ -75,3 +78,12 @@ def override_sections(items: list[str], allowed: tuple[str, ...], job: str) -> d
     if unknown:
         raise ValueError(f"override {unknown[0]}: {job} takes {', '.join(f'{a}.*' for a in allowed)}")
     return tree
+
+
+LAUNCHES = "launches.log"  # a line per start of a trial or cell: what a resumed job ran again, and where
+
+
+def record_launch(output_dir: str | Path, name: str) -> None:
+    """Append ``name``, the time and this process's id to ``output_dir/launches.log``."""
+    with open(Path(output_dir) / LAUNCHES, "a") as f:
+        f.write(f"{name} {time.time():.3f} {os.getpid()}\n")

@@ -40,7 +40,6 @@ from pipelines import runtime, tracking
 
 RESULT = "result.json"
 TRAIN_TIME = "train_time.json"  # the training's wall time, kept when only a cell's evaluation is redone
-LAUNCHES = "launches.log"  # one line per cell start: what a rerun did redo
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap")
 COLUMNS = ["K", "method", "steps", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
            "anchor_categories", "anchor_image_auroc", "anchor_pixel_auroc", "train_s", "train_images_per_s",
@@ -72,8 +71,7 @@ def run_cell(spec: SweepSpec, cell: Cell, separate_store: bool) -> dict:
 
     folder = Path(spec.output_dir) / "cells" / cell.name
     folder.mkdir(parents=True, exist_ok=True)
-    with open(Path(spec.output_dir) / LAUNCHES, "a") as f:
-        f.write(f"{cell.name} {time.time():.3f}\n")
+    runtime.record_launch(spec.output_dir, cell.name)
     store = tracking.own_sqlite_store(folder) if separate_store else []
     # A cell's model is a measurement, not a registry candidate.
     cfg = spec.config(cell, [f"output_dir={folder / 'run'}", "tracking.registered_model=null", *store])

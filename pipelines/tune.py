@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,13 +38,11 @@ from pipelines.data import DataSpec, validation_dataset
 from pipelines.train import PLACEMENT_GROUP, RESOLVED_CONFIG
 
 OBJECTIVE = "objective"
-LAUNCHES = "launches.log"  # trial, time, process per trial start: what a resumed search ran again, and where
 
 
 def _record_launch(out: str) -> str:
     trial = tune.get_context().get_trial_id()
-    with open(Path(out) / LAUNCHES, "a") as f:
-        f.write(f"{trial} {time.time():.3f} {os.getpid()}\n")
+    runtime.record_launch(out, trial)
     return trial
 
 
