@@ -83,8 +83,10 @@ class BackboneConfig(Section):
     """timm feature extractor for the anomaly map (DiAD Sec. 3.3).
 
     ``layers`` are timm ``features_only`` indices; ResNet's 1, 2, 3 are layer1-layer3, the maps
-    DiAD's evaluation slices (``features[1:4]``). ``pretrained``: null for random initialisation,
-    ``hub`` for timm's default weights (needs network or a warm cache), or a local weights file.
+    DiAD's evaluation slices (``features[1:4]``). ``pretrained``: ``imagenet`` for the ImageNet
+    EfficientNet-Lite0 installed with the project (``name: efficientnet_lite0``), ``hub`` for timm's
+    default weights (needs network or a warm cache), a local weights file (loaded only when it holds
+    every backbone tensor), or null for random initialisation with live residual branches.
     ``img_size``: the input size a ViT is built for (its position embeddings); null for CNNs.
     """
 
@@ -96,7 +98,14 @@ class BackboneConfig(Section):
     def __post_init__(self):
         if ":" in self.name:  # timm resolves "hf-hub:..." names on the network, even for random weights
             raise ValueError(f"model.backbone.name must be a timm architecture such as resnet18, got "
-                             f"{self.name!r}; weights come from model.backbone.pretrained (hub or a file)")
+                             f"{self.name!r}; weights come from model.backbone.pretrained (imagenet, hub or a file)")
+        if self.pretrained == "imagenet":
+            from anomdiff.models.imagenet import PACKAGED
+
+            if self.name not in PACKAGED:
+                raise ValueError(f"model.backbone.pretrained: 'imagenet' weights are installed for "
+                                 f"{', '.join(PACKAGED)} only, not {self.name!r}; set model.backbone.name "
+                                 "accordingly, or pass a weights FILE")
 
 
 @dataclass
@@ -179,13 +188,21 @@ class PrototypeConfig(Section):
 
 @dataclass
 class KNNConfig(Section):
-    """The PatchCore-style floor (``method: knn``; ``anomdiff/models/knn.py``).
+    """PatchCore, the floor (``method: knn``; ``anomdiff/models/knn.py``; Roth et al., CVPR 2022).
 
     ``layers``: timm feature indices (null: ``backbone.layers``; PatchCore takes the mid-level 2
     and 3 of a wide ResNet-50). Each map is averaged over ``neighbourhood`` x ``neighbourhood``
     patches, and the concatenation pooled to at most ``dim`` channels. Each training category keeps
     a greedy coreset of ``coreset_ratio`` of its patches, at most ``max_per_category`` (the bank's
-    bound), chosen in a projection to ``projection_dim``; the bank is searched in ``chunk`` rows."""
+    bound), chosen in a projection to ``projection_dim``; the bank is searched in ``chunk`` rows.
+
+    Scoring (Sec. 3.3): the map is each patch's nearest-bank distance, upsampled and smoothed with a
+    Gaussian of ``sigma`` image pixels (PatchCore: 4 at 224 px); the image score is the largest patch
+    distance, reweighted by Eq. 7 over the ``reweight_neighbours`` nearest bank entries of its match
+    (0: the plain maximum). ``bank``: how a test image, whose category is not given, finds its normal
+    patches: ``all`` searches every category's coreset as one bank; ``nearest_category`` first picks
+    the category whose coreset lies nearest to the image's patches on average, then searches that
+    category's coreset alone."""
 
     layers: list[int] | None = None
     neighbourhood: int = 3
@@ -195,6 +212,9 @@ class KNNConfig(Section):
     projection_dim: int = 128
     chunk: int = 16384
     seed: int = 0
+    sigma: float = 4.0
+    reweight_neighbours: int = 3
+    bank: str = "all"
 
     def __post_init__(self):
         require_at_least("model.knn", self, ("neighbourhood", "dim", "max_per_category", "projection_dim", "chunk"))
@@ -203,6 +223,13 @@ class KNNConfig(Section):
                              f"got {self.neighbourhood}")
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ValueError(f"model.knn.coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.reweight_neighbours < 0 or self.sigma < 0:
+            raise ValueError("model.knn.reweight_neighbours and model.knn.sigma must be >= 0")
+        if self.bank not in KNN_BANKS:
+            raise ValueError(f"model.knn.bank must be one of {', '.join(KNN_BANKS)}, got {self.bank!r}")
+
+
+KNN_BANKS = ("all", "nearest_category")
 
 
 @dataclass
@@ -307,7 +334,7 @@ INFERENCE_KEYS = frozenset({
     "diffusion.guidance_scale", "diffusion.seed",
     "scoring.sigma", "scoring.pooling_rounds", "scoring.pooling_kernel", "scoring.pixel_weight",
     "scoring.noise_samples",
-    "sg.conditioning_scale", "proad.top_fraction",
+    "sg.conditioning_scale", "proad.top_fraction", "knn.sigma", "knn.reweight_neighbours", "knn.bank",
     "drdc.mask_sets", "drdc.patch", "drdc.timesteps", "drdc.start_timestep", "drdc.ddim_steps",
     "drdc.filter_size", "drdc.gamma", "drdc.scales", "drdc.highpass_sigma", "drdc.top_fraction",
     "drdc.mask_seed",

@@ -1,8 +1,9 @@
 """Frozen timm backbone whose features compare an image with its reconstruction (DiAD Sec. 3.3).
 
 Inputs are images in [-1, 1]; the extractor maps them to the backbone's own normalisation
-(ImageNet mean/std for the ResNets). DiAD uses an ImageNet ResNet50; ``pretrained: null`` builds
-the same network with random weights (tests, demo, machines without the weights).
+(ImageNet mean/std). DiAD uses an ImageNet ResNet50. ``pretrained: imagenet`` is the ImageNet
+EfficientNet-Lite0 installed with the project (:mod:`anomdiff.models.imagenet`), the default of the
+CPU presets; ``null`` builds the network with random weights (unit tests).
 """
 
 from __future__ import annotations
@@ -17,11 +18,61 @@ from torch import nn
 from anomdiff.models.config import BackboneConfig
 
 
+def _random(name: str, kwargs: dict) -> nn.Module:
+    """A randomly initialised timm network whose residual branches are live: timm zero-initialises the
+    last BatchNorm gain of every ResNet block (``zero_init_last``), which makes each block the
+    identity and a random ResNet's layer1-layer3 one random 7x7 convolution and pooling."""
+    try:
+        return timm.create_model(name, pretrained=False, zero_init_last=False, **kwargs)
+    except TypeError as exc:  # architectures without the option (EfficientNet, ViT) have no zeroed gain
+        if "zero_init_last" not in str(exc):
+            raise
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in a ``.safetensors`` or torch file (``state_dict``/``model`` wrappers and
+    DataParallel's ``module.`` prefix removed)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def missing_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """The model's tensors that ``state`` has no entry for (timm's feature wrappers may add a
+    ``model.`` prefix; BatchNorm step counters are not weights)."""
+    return [k for k in model.state_dict() if not k.endswith("num_batches_tracked")
+            and k not in state and k.removeprefix("model.") not in state]
+
+
+def _require_covered(model: nn.Module, state: dict[str, torch.Tensor], name: str, source: str) -> None:
+    missing = missing_keys(model, state)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"model.backbone.pretrained: {source} does not hold {len(missing)} of the {name} "
+                         f"backbone's tensors ({shown}); it is not a timm {name} state dict")
+
+
 def _create(cfg: BackboneConfig) -> nn.Module:
     kwargs = {"features_only": True, "out_indices": tuple(cfg.layers),
               **({"img_size": cfg.img_size} if cfg.img_size else {})}
     if cfg.pretrained is None:
-        return timm.create_model(cfg.name, pretrained=False, **kwargs)
+        return _random(cfg.name, kwargs)
+    if cfg.pretrained == "imagenet":
+        from anomdiff.models.imagenet import imagenet_state_dict
+
+        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+        state = imagenet_state_dict(cfg.name)
+        _require_covered(model, state, cfg.name, "the packaged ImageNet weights")
+        wanted = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+        model.load_state_dict({k: state[k] for k in wanted}, strict=False)  # all but the step counters: checked above
+        return model
     if cfg.pretrained == "hub":
         source, extra = "timm's default weights (hub)", {}
     else:
@@ -30,13 +81,18 @@ def _create(cfg: BackboneConfig) -> nn.Module:
             raise FileNotFoundError(
                 f"model.backbone.pretrained: weights file {str(path)!r} for {cfg.name!r} does not exist"
             )
+        # timm loads some architectures' files non-strictly (EfficientNet under features_only): a file
+        # with other key names would leave the network random without a word, so check coverage first.
+        _require_covered(timm.create_model(cfg.name, pretrained=False, **kwargs), _read_weights(path),
+                         cfg.name, repr(str(path)))
         source, extra = str(path), {"pretrained_cfg_overlay": {"file": str(path)}}
     try:
         return timm.create_model(cfg.name, pretrained=True, **extra, **kwargs)
     except Exception as exc:  # timm raises network, hub and file errors of many types
         raise RuntimeError(
             f"could not load pretrained weights for backbone {cfg.name!r} from {source}: {exc}. Offline, set "
-            "model.backbone.pretrained to a local weights file, or to null for random initialisation."
+            "model.backbone.pretrained to a local weights file, imagenet (installed EfficientNet-Lite0), "
+            "or null for random initialisation."
         ) from exc
 
 

@@ -1,4 +1,4 @@
-"""PatchCore-style nearest-neighbour floor (``method: knn``): a memory bank, no gradient training.
+"""PatchCore, the nearest-neighbour floor (``method: knn``): a memory bank, no gradient training.
 
 Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 2022, arXiv 2106.08265):
 - locally aware patch features (Sec. 3.1): mid-level maps of a frozen backbone, each averaged over
@@ -7,12 +7,16 @@ Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 2022, 
 - the memory bank is reduced by greedy coreset subsampling (Sec. 3.2, Alg. 1) in a random
   projection to ``projection_dim``: each pick is the feature farthest from those already picked;
 - the anomaly map is each test patch's distance to its nearest bank entry (Sec. 3.3, Eq. 6),
-  upsampled to the image and Gaussian-smoothed; the image score is the shared pooling rule of
-  ``anomdiff.scoring`` (PatchCore's max of the patch scores is ``pooling_rounds: 0``).
+  upsampled to the image and smoothed with PatchCore's own Gaussian (``knn.sigma``, not the
+  diffusion methods' ``scoring`` section); the image score is the largest patch distance times
+  Eq. 7's weight, ``1 - softmax`` of the test patch's distances to its match and the match's
+  ``reweight_neighbours`` nearest bank entries: a match in a sparse part of the bank counts more.
 
 The bank is built per training category (a coreset of ``coreset_ratio`` of its patches, at most
-``max_per_category`` entries) and then searched as one: a test image is compared with every
-category's normal patches and its own category is never used (the unified protocol). The bank is
+``max_per_category`` entries). A test image's category is never given (the unified protocol); with
+``knn.bank: all`` (default) the categories' coresets are searched as one bank, with
+``nearest_category`` the image first picks the category whose coreset lies nearest to its patches
+on average and is scored against that coreset alone. The bank is
 bounded by ``num_categories * max_per_category`` entries of ``dim`` floats: 160 categories at the
 defaults (2,048 entries of at most 1,024 floats) hold at most 1.3 GB, the tiny preset's 192
 channels 252 MB.
@@ -56,19 +60,41 @@ def greedy_coreset(features: torch.Tensor, size: int, projection_dim: int = 128,
     return chosen
 
 
-def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-    """Euclidean distance of every query (M x D) to its nearest bank row (K x D), queries and bank
-    both taken in chunks of ``chunk`` rows so memory stays bounded at any size."""
+def nearest_neighbours(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 16384
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Euclidean distance of every query (M x D) to its nearest bank row (K x D) and that row's index,
+    queries and bank both taken in chunks of ``chunk`` rows so memory stays bounded at any size."""
     if len(bank) == 0:
         raise ValueError("the memory bank is empty: build it from training images first (anomdiff train)")
-    out = []
+    distances, indices = [], []
     for q in range(0, len(queries), chunk):
-        best = None
+        best = best_index = None
         for start in range(0, len(bank), chunk):
-            distance = torch.cdist(queries[q:q + chunk].float(), bank[start:start + chunk].float()).amin(dim=1)
-            best = distance if best is None else torch.minimum(best, distance)
-        out.append(best)
-    return torch.cat(out)
+            distance, index = torch.cdist(queries[q:q + chunk].float(), bank[start:start + chunk].float()).min(dim=1)
+            if best is None:
+                best, best_index = distance, index + start
+            else:
+                closer = distance < best
+                best, best_index = torch.where(closer, distance, best), torch.where(closer, index + start, best_index)
+        distances.append(best)
+        indices.append(best_index)
+    return torch.cat(distances), torch.cat(indices)
+
+
+def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """Distance of every query (M x D) to its nearest bank row (K x D)."""
+    return nearest_neighbours(queries, bank, chunk)[0]
+
+
+def reweighting(query: torch.Tensor, match: int, bank: torch.Tensor, neighbours: int) -> torch.Tensor:
+    """PatchCore's Eq. 7 weight of the most anomalous patch ``query`` (D) whose nearest bank row is
+    ``match``: ``1 - exp(d(query, m*)) / sum over m in N_b(m*) of exp(d(query, m))``, N_b(m*) being the
+    ``neighbours`` bank rows nearest to m* (m* itself among them)."""
+    b = min(neighbours, len(bank))
+    support = torch.cdist(bank[match][None].float(), bank.float())[0].topk(b, largest=False).indices
+    support = torch.cat([torch.tensor([match], device=support.device), support[support != match][: b - 1]])
+    distance = torch.cdist(query[None].float(), bank[support].float())[0]
+    return 1.0 - torch.softmax(distance, dim=0)[0]
 
 
 class KNNModel(nn.Module):
@@ -152,18 +178,39 @@ class KNNModel(nn.Module):
     # --- inference ------------------------------------------------------------------------------
 
     @torch.no_grad()
+    def nearest_category(self, queries: torch.Tensor) -> torch.Tensor:
+        """``B``: for each image's patches (B x P x D), the category whose coreset lies nearest on
+        average (``knn.bank: nearest_category``)."""
+        categories = torch.unique(self.memory_category)
+        mean_distance = torch.stack([
+            nearest_distance(queries.reshape(-1, queries.shape[-1]), self.memory[self.memory_category == c],
+                             self.cfg.knn.chunk).view(queries.shape[:2]).mean(dim=1)
+            for c in categories])
+        return categories[mean_distance.argmin(dim=0)]
+
+    @torch.no_grad()
     def score(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``anomaly_map`` B x H x W and ``image_score`` B: nearest-bank distance per patch (Eq. 6)."""
-        images = batch["image"]
+        """``anomaly_map`` B x H x W (nearest-bank distance per patch, Eq. 6, smoothed) and
+        ``image_score`` B (the largest patch distance, reweighted by Eq. 7)."""
+        images, k = batch["image"], self.cfg.knn
         features = self.patch_features(images)
         b, d, h, w = features.shape
-        distance = nearest_distance(features.permute(0, 2, 3, 1).reshape(-1, d), self.memory, self.cfg.knn.chunk)
-        patch_map = distance.view(b, 1, h, w)
+        queries = features.permute(0, 2, 3, 1).reshape(b, h * w, d)
+        if k.bank == "all":
+            banks = [self.memory] * b
+        else:
+            banks = [self.memory[self.memory_category == c] for c in self.nearest_category(queries)]
+        distances, scores = [], []
+        for query, bank in zip(queries, banks, strict=True):
+            distance, match = nearest_neighbours(query, bank, k.chunk)
+            worst = int(distance.argmax())
+            weight = reweighting(query[worst], int(match[worst]), bank, k.reweight_neighbours) \
+                if k.reweight_neighbours > 0 else 1.0
+            distances.append(distance)
+            scores.append(weight * distance[worst])
+        patch_map = torch.stack(distances).view(b, 1, h, w)
         maps = F.interpolate(patch_map, size=images.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        s = self.cfg.scoring
-        maps = scoring.gaussian_smooth(maps, s.sigma)
-        return {"anomaly_map": maps, "image_score": scoring.image_score(maps, rounds=s.pooling_rounds,
-                                                                         kernel=s.pooling_kernel)}
+        return {"anomaly_map": scoring.gaussian_smooth(maps, k.sigma), "image_score": torch.stack(scores).float()}
 
     # --- persistence ----------------------------------------------------------------------------
 

@@ -113,6 +113,13 @@ def pretrained_problems(cfg, diffusion: bool = True) -> list[str]:
             problems.append(f"model.backbone.pretrained: cannot get the pretrained weights of {backbone.name} ({repo}; "
                             f"{why}). Download {repo}'s model.safetensors "
                             "elsewhere and pass model.backbone.pretrained=FILE (or null for random weights)")
+    elif backbone.pretrained == "imagenet":
+        from anomdiff.models.imagenet import packaged_file
+
+        try:
+            packaged_file(backbone.name)
+        except ValueError as exc:
+            problems.append(str(exc))
     elif backbone.pretrained and not Path(backbone.pretrained).expanduser().is_file():
         problems.append(f"model.backbone.pretrained: weights file {backbone.pretrained!r} does not exist")
     return problems
