@@ -109,12 +109,14 @@ class TrainConfig(Section):
 
 @dataclass
 class EvaluateConfig(Section):
-    """Test-split evaluation: batch size, streaming metrics and how many worst cases to draw."""
+    """Test-split evaluation: batch size, streaming metrics, how many worst cases to draw, and whether
+    to save every image's anomaly map (``save_maps``: ``maps/<sample_id>.npy``, float16, image size)."""
 
     batch_size: int = 16
     streaming: bool = True
     num_bins: int = 16384
     worst_cases: int = 4
+    save_maps: bool = False
 
     def __post_init__(self) -> None:
         require_at_least("evaluate", self, ("batch_size",))

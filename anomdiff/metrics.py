@@ -34,7 +34,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
 
 IMAGE_KEYS = ("image_auroc", "image_ap", "image_f1max")
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "pixel_f1max", "aupro")
@@ -109,6 +115,27 @@ def f1max(labels, scores) -> float:
     denominator = precision + recall
     f1 = np.divide(2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0)
     return float(f1.max())
+
+
+def at_threshold(categories, image_scores, image_labels, threshold: float) -> dict:
+    """Decisions at one fixed threshold (``score >= threshold``: anomalous), as a deployed model makes
+    them: image precision, recall and F1 per category (scikit-learn) and their unweighted mean.
+    ``{"threshold": t, "mean": {...}, "per_category": {cat: {"image_precision", "image_recall",
+    "image_f1"}}}``; a category with no anomalous image has recall and F1 ``None``."""
+    cats = np.asarray(categories).astype(str)
+    scores, labels = np.asarray(image_scores, np.float64), np.asarray(image_labels).astype(int)
+    rows = {}
+    for cat in sorted(set(cats.tolist())):
+        pick = cats == cat
+        decided = (scores[pick] >= threshold).astype(int)
+        precision, recall, f1, _ = precision_recall_fscore_support(labels[pick], decided, average="binary",
+                                                                   zero_division=0.0)
+        defined = bool(labels[pick].any())
+        rows[cat] = {"image_precision": float(precision), "image_recall": float(recall) if defined else None,
+                     "image_f1": float(f1) if defined else None}
+    keys = ("image_precision", "image_recall", "image_f1")
+    mean = {k: (float(np.mean(v)) if (v := [r[k] for r in rows.values() if r[k] is not None]) else None) for k in keys}
+    return {"threshold": float(threshold), "mean": mean, "per_category": rows}
 
 
 def _binary_metrics(labels, scores) -> tuple[float | None, float | None, float | None]:

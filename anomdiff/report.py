@@ -78,10 +78,12 @@ def _ranked(doc: dict) -> list[str]:
     return sorted(doc["per_category"], key=lambda cat: (_rank_key(doc["per_category"][cat]), cat))
 
 
-def _markdown_rows(names: Sequence[str], rows: Sequence[dict]) -> list[str]:
-    def fmt(value):
-        return "–" if value is None else f"{100 * value:.1f}"
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
 
+
+def _markdown_rows(names: Sequence[str], rows: Sequence[dict]) -> list[str]:
+    fmt = _percent
     lines = ["| category | " + " | ".join(_HEADERS[key] for key in METRIC_KEYS) + " |",
              "| --- | " + " | ".join("---:" for _ in METRIC_KEYS) + " |"]
     for name, row in zip(names, rows, strict=True):
@@ -109,6 +111,13 @@ def markdown_report(doc: dict, *, top: int = 3, title: str = "Evaluation") -> st
              "– where a metric is undefined (a category with one class only, or no anomaly maps). "
              "The mean is unweighted over the categories where the metric is defined.", "",
              *_markdown_rows(["**mean**"], [doc["mean"]]), ""]
+    decisions = doc.get("at_threshold")
+    if decisions:
+        mean = decisions["mean"]
+        shown = ", ".join(f"{name} {_percent(mean[key])}" for key, name in
+                          (("image_precision", "precision"), ("image_recall", "recall"), ("image_f1", "F1")))
+        lines += [f"Decisions at the exported threshold {decisions['threshold']:.4g} (chosen on validation), "
+                  f"mean over categories: {shown}.", ""]
     if len(rankable) > 2 * top:
         best, worst = rankable[:top], rankable[::-1][:top]
         lines += [f"## Best {top} categories (by image AUROC, then pixel AUROC, then AUPRO)", "",
@@ -232,13 +241,17 @@ def write_report(doc: dict, out_dir: str | Path, *, curves: dict | None = None,
 
 
 def mlflow_metrics(doc: dict) -> dict[str, float]:
-    """Flat MLflow metric names: ``mean/<metric>``, ``<metric>/<category>``, ``num_images``.
+    """Flat MLflow metric names: ``mean/<metric>``, ``<metric>/<category>``, ``num_images``, and
+    ``mean/image_f1_at_threshold`` (and precision, recall) when the document has decisions.
 
     Undefined (``None``) metrics are left out. A category becomes one path component: characters
     MLflow refuses, and ``/``, become ``_``, and a name of dots only becomes ``_``.
     """
     flat = {"num_images": float(doc["num_images"])}
     flat.update({f"mean/{key}": float(value) for key, value in doc["mean"].items() if value is not None})
+    decisions = doc.get("at_threshold") or {"mean": {}}
+    flat.update({f"mean/{key}_at_threshold": float(value) for key, value in decisions["mean"].items()
+                 if value is not None})
     for cat, row in doc["per_category"].items():
         safe = _MLFLOW_UNSAFE.sub("_", cat)
         safe = "_" if set(safe) <= {"."} else safe

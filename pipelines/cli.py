@@ -1,4 +1,4 @@
-"""The ``anomdiff`` console script (README, "Command line").
+"""anomdiff: train, evaluate and serve multi-class visual anomaly detectors (diffusion, prototypes, PatchCore) on Ray.
 
 Data and model commands run here in-process; the jobs (the Ray programs ``train``, ``evaluate``, ``scale``,
 ``tune``, ``bench``, and ``predict`` and ``promote``, which need no Ray) are ``python -m pipelines.<job>``
@@ -19,15 +19,15 @@ from anomdiff.models.config import preset_names
 # Errors that mean "your input is wrong", reported as one line without a traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError)
 
-JOBS = {
-    "train": "pipelines.train",
-    "evaluate": "pipelines.evaluate",
-    "demo": "pipelines.demo",
-    "bench": "pipelines.bench.job",
-    "tune": "pipelines.tune",
-    "predict": "pipelines.predict",
-    "promote": "pipelines.promote",
-    "scale": "pipelines.scale",
+JOBS = {  # command -> (module, what it does)
+    "train": ("pipelines.train", "train a model on a converted dataset (Ray Train + DeepSpeed) and export it"),
+    "evaluate": ("pipelines.evaluate", "score a model on a dataset's test split: metrics, per-image results, report"),
+    "predict": ("pipelines.predict", "score image files or folders: a CSV of scores and decisions, overlays"),
+    "demo": ("pipelines.demo", "synthesize a dataset, train the demo model on it and evaluate it, on this machine"),
+    "tune": ("pipelines.tune", "search hyperparameters on Ray Tune (training-time or inference-time)"),
+    "scale": ("pipelines.scale", "measure accuracy and cost as one model carries more categories"),
+    "promote": ("pipelines.promote", "move a registered model's alias to a version that passes the gate"),
+    "bench": ("pipelines.bench.job", "benchmark this machine or cluster (figures as side-by-side ratios)"),
 }
 
 
@@ -150,15 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--verify", action="store_true", help="check every shard's sha256 and row count")
     inspect.set_defaults(func=_data_inspect)
 
-    model = commands.add_parser("model", help="model facts").add_subparsers(dest="model", required=True)
+    model = commands.add_parser("model", help="facts about a model preset").add_subparsers(dest="model", required=True)
     params = model.add_parser("params", help="parameter counts per component")
     params.add_argument("--preset", required=True, choices=preset_names(), help="a file of conf/model/")
     params.add_argument("--method", default=None, help="default: the preset's own method")
     params.add_argument("--json", action="store_true")
     params.set_defaults(func=_model_params)
 
-    for job, module in JOBS.items():  # listed for --help; main() hands their arguments to the job
-        commands.add_parser(job, help=f"python -m {module} (see `anomdiff {job} --help`)")
+    for job, (_, summary) in JOBS.items():  # listed for --help; main() hands their arguments to the job
+        commands.add_parser(job, help=summary)
     return parser
 
 
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in JOBS:  # the jobs parse their own arguments
-            importlib.import_module(JOBS[argv[0]]).main(argv[1:])
+            importlib.import_module(JOBS[argv[0]][0]).main(argv[1:])
             return
         args = build_parser().parse_args(argv)
         args.func(args)

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-per-category", type=int, default=40)
     parser.add_argument("overrides", nargs="*", help="training config overrides, e.g. train.steps=400")
     runtime.add_address_argument(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     start = time.perf_counter()
 
     home = tracking.anomdiff_home() / "demo"

@@ -10,6 +10,11 @@ driver only those partial metrics and the worst cases it newly keeps, so the dri
 memory do not grow with the pixels; ``evaluate.streaming=false`` (exact metrics) ships every map.
 Overrides: ``evaluate.*`` keys, inference keys of the model (``model.diffusion.ddim_steps=...``),
 ``scorers`` and ``use_gpu``.
+
+The report folder gets ``metrics.json`` (with ``at_threshold``: precision, recall and F1 of the
+decisions at the exported threshold), ``metrics.md``, figures and ``images.csv`` (a row per test
+image: sample id, category, label, score, decision); ``evaluate.save_maps=true`` also writes every
+anomaly map to ``maps/``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import ray
 import ray.data
 
 from anomdiff import metrics, report
-from anomdiff.atomic import write_json_atomic
+from anomdiff.atomic import atomic_path, write_csv_atomic, write_json_atomic
 from anomdiff.config import DataConfig, EvaluateConfig, TrackingConfig
 from anomdiff.models.config import ModelConfig
 from pipelines import registry, runtime, tracking
@@ -46,7 +51,8 @@ class Scorer:
     streaming metrics itself and returns one row per batch, its partial metrics and the worst cases
     it has newly admitted, so full-resolution maps never leave the actor; without, one row per image."""
 
-    def __init__(self, model_dir: str, model_overrides: dict, use_gpu: bool, fold: dict | None = None):
+    def __init__(self, model_dir: str, model_overrides: dict, use_gpu: bool, fold: dict | None = None,
+                 maps_dir: str | None = None):
         import torch
 
         from anomdiff.models import load_model
@@ -58,6 +64,7 @@ class Scorer:
             self.model.cfg = ModelConfig.from_dict(model_overrides, base=self.model.cfg)
         self.fold = fold
         self.worst = WorstCases(fold["worst_cases"]) if fold else None
+        self.maps_dir = Path(maps_dir) if maps_dir else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self.torch
@@ -76,6 +83,10 @@ class Scorer:
             "mask": batch["mask"][:, 0].astype(np.uint8),
             "thumbnail": images[:, ::stride, ::stride],
         }
+        if self.maps_dir is not None:
+            for sample_id, anomaly_map in zip(scored["sample_id"], scored["anomaly_map"], strict=True):
+                with atomic_path(self.maps_dir / map_file(sample_id)) as tmp, open(tmp, "wb") as f:
+                    np.save(f, anomaly_map.astype(np.float16))
         if self.fold is None:
             return scored
         categories = self.fold["categories"]
@@ -84,9 +95,34 @@ class Scorer:
         partial.update(np.array([categories[i] for i in scored["category_index"]]), scored["image_score"],
                        scored["label"], scored["anomaly_map"], scored["mask"])
         admitted = self.worst.offer(scored, categories)
+        rows = image_rows(scored, categories)
         return {"images": np.array([len(scored["label"])]),
                 "partial": np.array([pickle.dumps(partial)], dtype=object),
-                "cases": np.array([pickle.dumps(admitted)], dtype=object)}
+                "cases": np.array([pickle.dumps(admitted)], dtype=object),
+                "rows": np.array([json.dumps(rows)], dtype=object)}
+
+
+def map_file(sample_id: str) -> str:
+    """The file name of a sample's saved anomaly map (``evaluate.save_maps``)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(sample_id)) + ".npy"
+
+
+def image_rows(scored: dict, categories: list[str]) -> list[dict]:
+    """One row per scored image: sample id, category, label, image score."""
+    return [{"sample_id": str(sid), "category": categories[int(c)], "label": int(label), "score": float(score)}
+            for sid, c, label, score in zip(scored["sample_id"], scored["category_index"], scored["label"],
+                                            scored["image_score"], strict=True)]
+
+
+def write_image_table(out: Path, rows: list[dict], threshold: float | None, maps: bool) -> Path:
+    """``images.csv``: a row per test image (sample id, category, label, score, decision at the exported
+    threshold, and the saved map's file with ``evaluate.save_maps``), sorted by category and sample."""
+    table = []
+    for row in sorted(rows, key=lambda r: (r["category"], r["sample_id"])):
+        decision = "" if threshold is None else str(row["score"] >= threshold).lower()
+        table.append({**row, "decision": decision, **({"map": f"maps/{map_file(row['sample_id'])}"} if maps else {})})
+    columns = ["sample_id", "category", "label", "score", "decision", *(["map"] if maps else [])]
+    return write_csv_atomic(out / "images.csv", table, columns)
 
 
 class WorstCases:
@@ -174,12 +210,14 @@ def evaluate(model: str, data_path: str, out_dir: str | None = None, overrides: 
     accumulator = metrics.StreamingMetrics(score_range=score_range, num_bins=eval_cfg.num_bins) if fold else None
     exact: dict[str, list] = {"categories": [], "scores": [], "labels": [], "maps": [], "masks": []}
     worst = WorstCases(eval_cfg.worst_cases)
+    rows: list[dict] = []
     seen = 0
     if fold:
         for part in scored.iter_rows():
             accumulator.merge(pickle.loads(part["partial"]))  # our own actors' objects, not user input
             for case in pickle.loads(part["cases"]):
                 worst.add(case)
+            rows += json.loads(part["rows"])
             seen += int(part["images"])
             print(f"[evaluate] scored {seen} images", flush=True)
         doc, curves = accumulator.compute(), accumulator.curves()
@@ -190,6 +228,7 @@ def evaluate(model: str, data_path: str, out_dir: str | None = None, overrides: 
                                           batch["mask"]), strict=True):
                 exact[key].append(value)
             worst.offer(batch, categories)
+            rows += image_rows(batch, categories)
             seen += len(names)
             print(f"[evaluate] scored {seen} images", flush=True)
         arrays = {k: np.concatenate(v) for k, v in exact.items()}
@@ -197,6 +236,11 @@ def evaluate(model: str, data_path: str, out_dir: str | None = None, overrides: 
         doc, curves = metrics.compute(*args), metrics.compute_curves(*args)
 
     doc = {"num_images": doc["num_images"], "protocol": protocol(saved["config"]), **doc}
+    threshold = meta.get("threshold")
+    if threshold is not None:  # the decisions the exported model makes, at the threshold validation chose
+        doc["at_threshold"] = metrics.at_threshold([r["category"] for r in rows], [r["score"] for r in rows],
+                                                   [r["label"] for r in rows], threshold)
+    write_image_table(out, rows, threshold, eval_cfg.save_maps)
     files = report.write_report(doc, out, curves=curves, worst_cases=worst.cases(),
                                 title=f"{meta.get('experiment', 'model')} on {Path(data_path).name}")
     # The version's test metrics are the model's own: every category, its own settings.
@@ -252,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides: evaluate.*, tracking.*, inference keys "
                                                      "of model.*, scorers=N, use_gpu=true")
     runtime.add_address_argument(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     doc = evaluate(args.model, args.data, args.out, args.overrides, args.address)
     if args.json_out:
         write_json_atomic(args.json_out, doc)

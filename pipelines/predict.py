@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-overlays", action="store_true", help="write the CSV only")
     parser.add_argument("--tracking-uri", help="the MLflow store for models:/ and runs:/ (default: "
                                                "MLFLOW_TRACKING_URI, else SQLite under ANOMDIFF_HOME)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     predict(args.model, args.images, args.out, args.category, args.batch_size, not args.no_overlays,
             args.tracking_uri)
 

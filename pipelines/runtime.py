@@ -25,6 +25,18 @@ def add_address_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, help=ADDRESS_HELP)
 
 
+def add_print_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration (checked, as the job would check it) and exit")
+
+
+def print_config(doc: dict) -> None:
+    """The resolved configuration of a job as YAML on stdout."""
+    import yaml
+
+    print(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True), end="")
+
+
 def ray_address(address: str | None = None) -> str | None:
     """The cluster a job was asked to join, or ``None`` for a private local Ray."""
     return address or os.environ.get("RAY_ADDRESS") or None

@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
@@ -328,8 +329,15 @@ def main(argv: list[str] | None = None) -> None:
                                                      "output_dir=; any other dotted key=value applies to the base "
                                                      "experiment of every cell (data.path=DATA, train.steps=100)")
     runtime.add_address_argument(parser)
-    args = parser.parse_args(argv)
-    run(load_sweep(args.config, args.overrides), args.address)
+    runtime.add_print_config_argument(parser)
+    args = parser.parse_intermixed_args(argv)
+    spec = load_sweep(args.config, args.overrides)
+    if args.print_config:
+        sweep = {k: v for k, v in asdict(spec).items() if k not in ("experiment_overrides",
+                                                                                  "dataset_categories")}
+        runtime.print_config({**sweep, "base_experiment": spec.base().to_dict()})
+        return
+    run(spec, args.address)
 
 
 if __name__ == "__main__":

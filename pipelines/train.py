@@ -451,8 +451,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="an experiment YAML (conf/experiment/)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=200")
     runtime.add_address_argument(parser)
-    args = parser.parse_args(argv)
-    run(load_config(args.config, args.overrides), args.address)
+    runtime.add_print_config_argument(parser)
+    args = parser.parse_intermixed_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        runtime.print_config(cfg.to_dict())
+        return
+    run(cfg, args.address)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import mlflow
@@ -411,8 +411,14 @@ def main(argv: list[str] | None = None) -> None:
                                                      "space=...; any other dotted key=value applies to the base "
                                                      "experiment (data.path=DATA, train.steps=200)")
     runtime.add_address_argument(parser)
-    args = parser.parse_args(argv)
-    run(load_search(args.config, args.overrides), args.address)
+    runtime.add_print_config_argument(parser)
+    args = parser.parse_intermixed_args(argv)
+    spec = load_search(args.config, args.overrides)
+    if args.print_config:
+        search = {k: v for k, v in asdict(spec).items() if k != "experiment_overrides"}
+        runtime.print_config({**search, "base_experiment": spec.config().to_dict()})
+        return
+    run(spec, args.address)
 
 
 if __name__ == "__main__":

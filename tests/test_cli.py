@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import yaml
 from layouts import mvtec_tree
 
 
@@ -53,3 +54,31 @@ def test_model_params_prints_the_sd15_counts_of_design_md():
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"unet": 859520964, "sg": 471871120, "vae": 83653863, "prototypes": 0,
                                        "total": 1415045947}
+
+
+def test_every_command_says_what_it_does_in_its_help_line():
+    done = anomdiff("--help")
+    assert done.returncode == 0
+    for command in ("train", "evaluate", "predict", "demo", "tune", "scale", "promote", "bench"):
+        line = next(line for line in done.stdout.splitlines() if line.strip().startswith(command + " "))
+        assert "python -m" not in line and len(line.split()) > 4
+
+
+def test_print_config_shows_the_resolved_experiment_with_overrides_after_the_options(tmp_path):
+    done = anomdiff("train", "--config", "conf/experiment/demo.yaml", "--print-config", "train.steps=7",
+                    f"output_dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr
+    doc = yaml.safe_load(done.stdout)
+    assert doc["train"]["steps"] == 7 and doc["model"]["backbone"]["pretrained"] == "imagenet"
+    assert not (tmp_path / "run").exists()  # printed, not run
+    wrong = anomdiff("train", "--config", "conf/experiment/demo.yaml", "--print-config", "train.stpes=7")
+    assert wrong.returncode == 2 and "did you mean train.steps" in wrong.stderr
+
+
+def test_evaluate_takes_overrides_after_its_options(tmp_path):
+    # argparse without intermixed parsing refused this as "unrecognized arguments"; now it reaches
+    # the job, which names the missing model
+    done = anomdiff("evaluate", tmp_path / "nomodel", tmp_path / "nodata", "--json", tmp_path / "m.json",
+                    "model.scoring.sigma=0")
+    assert "unrecognized arguments" not in done.stderr
+    assert done.returncode == 2 and "nomodel" in done.stderr

@@ -3,7 +3,7 @@ import pickle
 import numpy as np
 import pytest
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score, roc_auc_score
 
 from anomdiff import metrics
 from anomdiff.metrics import METRIC_KEYS, PIXEL_KEYS, StreamingMetrics
@@ -399,3 +399,22 @@ def test_calibrated_range_leaves_headroom_above_the_normal_maximum():
     assert lo == 5.0 and hi > lo
     with pytest.raises(ValueError, match="NaN or inf"):
         metrics.calibrate_score_range(np.array([0.0, np.nan]))
+
+
+def test_decisions_at_a_fixed_threshold_agree_with_scikit_learn_per_category():
+    rng = np.random.default_rng(3)
+    cats = np.array(["a"] * 30 + ["b"] * 20 + ["c"] * 10)
+    labels = rng.integers(0, 2, 60)
+    labels[50:] = 0  # category c has no anomalous image: recall and F1 undefined there
+    scores = labels * 0.6 + rng.random(60)
+    doc = metrics.at_threshold(cats, scores, labels, 0.8)
+    for cat in ("a", "b"):
+        pick = cats == cat
+        decided = scores[pick] >= 0.8
+        row = doc["per_category"][cat]
+        assert row["image_f1"] == pytest.approx(f1_score(labels[pick], decided))
+        assert row["image_precision"] == pytest.approx(precision_score(labels[pick], decided, zero_division=0))
+        assert row["image_recall"] == pytest.approx(recall_score(labels[pick], decided))
+    assert doc["per_category"]["c"]["image_f1"] is None and doc["per_category"]["c"]["image_recall"] is None
+    assert doc["mean"]["image_f1"] == pytest.approx(np.mean([doc["per_category"][c]["image_f1"] for c in "ab"]))
+    assert doc["threshold"] == 0.8

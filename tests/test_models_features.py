@@ -23,7 +23,7 @@ def classify(model: torch.nn.Module, rgb) -> list[int]:
     x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     with torch.no_grad():
-        logits = model(((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)))
+        logits = model((x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1))
     return logits[0].topk(3).indices.tolist()
 
 

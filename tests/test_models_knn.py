@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
 from samples import images
+from sklearn.metrics import roc_auc_score
 
 from anomdiff.models import build_model, load_model
 from anomdiff.models.config import ModelConfig, load_preset

@@ -1,7 +1,9 @@
 """End to end on a local Ray: train (2 workers, DeepSpeed ZeRO-3), export, resume, evaluate."""
 
+import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -58,9 +60,25 @@ def test_zero3_on_two_workers_exports_a_model_that_resumes_and_evaluates(local_r
     assert json.loads((tmp_path / "report" / "metrics.json").read_text()) == doc
     assert (tmp_path / "report" / "worst_cases.png").is_file()
     exact = evaluate.evaluate(str(tmp_path / "run" / "model"), str(dataset), str(tmp_path / "exact"),
-                              ["evaluate.streaming=false"])  # every map to the driver
+                              ["evaluate.streaming=false", "evaluate.save_maps=true"])  # every map to the driver
     assert exact["mean"]["image_auroc"] == doc["mean"]["image_auroc"]
     assert abs(exact["mean"]["pixel_auroc"] - doc["mean"]["pixel_auroc"]) < 0.01
+
+    # A row per test image, the decision at the exported threshold, the same on both paths; F1 of those
+    # decisions in the metrics document; the maps on request.
+    with open(tmp_path / "report" / "images.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and {r["category"] for r in rows} == set(model.metadata["categories"])
+    assert all(r["decision"] == str(float(r["score"]) >= metadata["threshold"]).lower() for r in rows)
+    with open(tmp_path / "exact" / "images.csv") as f:
+        exact_rows = list(csv.DictReader(f))
+    assert [(r["sample_id"], r["decision"]) for r in exact_rows] == [(r["sample_id"], r["decision"]) for r in rows]
+    decided = {(r["category"], int(r["label"]), r["decision"] == "true") for r in rows}
+    f1 = doc["at_threshold"]["per_category"]
+    assert doc["at_threshold"]["threshold"] == metadata["threshold"] and set(f1) == set(model.metadata["categories"])
+    assert all((f1[c]["image_recall"] == 0) == ((c, 1, True) not in decided) for c in f1)
+    saved = np.load(tmp_path / "exact" / exact_rows[0]["map"])
+    assert saved.shape == (32, 32) and "map" not in rows[0]
 
 
 def test_a_streaming_scorer_sends_partial_metrics_and_new_worst_cases_but_no_maps(tmp_path):
