@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,10 +24,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from anomdiff.atomic import write_csv_atomic
-from anomdiff.config import TrackingConfig
 from anomdiff.data.images import load_rgb
 from anomdiff.inference import ImageScorer, Prediction, find_images
-from pipelines import registry, tracking
+from pipelines import registry
 from pipelines.cli import bounded
 
 COLUMNS = ("path", "category", "score", "decision", "error")
@@ -44,14 +42,8 @@ def predict(model: str, images: list[str], out: Path, category: str | None = Non
     """Score every image found under ``images``; writes ``out/predictions.csv`` and the overlays and
     returns the rows."""
     paths = find_images(images)
-    if model.startswith(("models:/", "runs:/")):
-        store = TrackingConfig(tracking_uri=tracking_uri)
-        tracking.check_server(store)
-        tracking.point_at_store(store)
-        with tempfile.TemporaryDirectory(prefix="anomdiff-predict-") as download:  # gone once loaded
-            scorer = ImageScorer(registry.resolve(model, download_to=Path(download)).folder)
-    else:
-        scorer = ImageScorer(registry.resolve(model).folder)
+    with registry.local_folder(model, tracking_uri) as folder:  # a download is gone once loaded
+        scorer = ImageScorer(folder)
     scorer.check_category(category)  # a category the model does not know stops here, before any image
     out.mkdir(parents=True, exist_ok=True)
     if overlays:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import re
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -128,6 +129,24 @@ class ResolvedModel:
     training_run: str | None = None
     name: str | None = None
     version: str | None = None
+
+
+@contextmanager
+def local_folder(model: str, tracking_uri: str | None = None) -> Iterator[Path]:
+    """The exported folder of ``model`` (a folder, or a ``models:/``/``runs:/`` URI in the store that
+    ``tracking_uri``, the environment or the default names, downloaded into a temporary folder that
+    is removed when the block ends)."""
+    if not model.startswith(("models:/", "runs:/")):
+        yield resolve(model).folder
+        return
+    from anomdiff.config import TrackingConfig
+    from pipelines import tracking
+
+    store = TrackingConfig(tracking_uri=tracking_uri)
+    tracking.check_server(store)
+    tracking.point_at_store(store)
+    with tempfile.TemporaryDirectory(prefix="anomdiff-model-") as download:
+        yield resolve(model, download_to=Path(download)).folder
 
 
 def resolve(model: str, download_to: Path | None = None) -> ResolvedModel:
