@@ -50,7 +50,8 @@ class KNNGraph(nn.Module):
         score = worst_distance
         if k.reweight_neighbours > 0:
             matched = bank[match.gather(1, worst[:, None])[:, 0]]        # m*, B x D
-            support = torch.cdist(matched, bank, compute_mode=MATMUL).topk(min(k.reweight_neighbours, len(bank)), largest=False).indices
+            neighbours = min(k.reweight_neighbours, len(bank))
+            support = torch.cdist(matched, bank, compute_mode=MATMUL).topk(neighbours, largest=False).indices
             query = queries[torch.arange(b), worst]                       # B x D
             to_support = torch.linalg.vector_norm(query[:, None] - bank[support], dim=-1)  # B x b
             score = (1.0 - torch.softmax(to_support, dim=1)[:, 0]) * worst_distance
