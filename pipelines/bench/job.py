@@ -43,6 +43,7 @@ from pipelines.bench.ingest import LARGE_SIZE, ingest_section, make_datasets, ma
 from pipelines.bench.measure import experiment, machine
 from pipelines.bench.methods import PROAD_ABLATION, methods_section
 from pipelines.bench.metrics import metrics_section
+from pipelines.bench.onnx import onnx_section
 from pipelines.bench.refinement import drdc_section
 from pipelines.bench.report import markdown_table
 from pipelines.bench.scaling import scaling_section
@@ -137,8 +138,11 @@ def run(quick: bool = False, sections: tuple[str, ...] = SECTIONS, workdir: str 
         if "serving" in wanted:
             _progress(start, "serving: anomdiff predict in batches and one by one; mlflow models serve latency")
             doc["serving"] = serving_section(work / "serving")
-        # serving needs no Ray; evaluation_memory starts a private Ray in each of its own processes.
-        trains = (set(OPTIONAL_SECTIONS) - {"serving", "evaluation_memory"}) & wanted
+        if "onnx" in wanted:
+            _progress(start, "onnx: exported graphs under onnxruntime against PyTorch scoring (knn, proad)")
+            doc["onnx"] = onnx_section(work / "onnx")
+        # serving and onnx need no Ray; evaluation_memory starts a private Ray in each of its own processes.
+        trains = (set(OPTIONAL_SECTIONS) - {"serving", "evaluation_memory", "onnx"}) & wanted
         if ray_sections or trains or (doc["gpu"] and ray_address(address)):
             # Workers' output stays off the console: the sections print their own progress.
             start_ray(address, quiet=True, num_cpus=os.cpu_count(), include_dashboard=False, configure_logging=False)

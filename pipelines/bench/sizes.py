@@ -7,8 +7,10 @@ from dataclasses import dataclass
 SECTIONS = ("ingest", "train_overhead", "zero_memory", "scoring", "metrics", "category_scaling", "gpu")
 # Run only when named in --sections (minutes each): the first three train every method with the demo's
 # budget; evaluation_memory evaluates 11,000 test images in fresh processes; serving times predict and
-# a model server; tune_inference trains the demo and searches 50 inference settings of its model.
-OPTIONAL_SECTIONS = ("methods", "proad_ablation", "drdc_refinement", "evaluation_memory", "serving", "tune_inference")
+# a model server; tune_inference trains the demo and searches 50 inference settings of its model; onnx
+# times exported ONNX graphs against PyTorch scoring.
+OPTIONAL_SECTIONS = ("methods", "proad_ablation", "drdc_refinement", "evaluation_memory", "serving", "tune_inference",
+                     "onnx")
 SCALING_CATEGORIES = (10, 40, 160)
 SCORING_DDIM_STEPS = 10
 # Overrides that build the sd15 preset from random weights: memory and speed do not depend on them.
