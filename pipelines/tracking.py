@@ -26,14 +26,18 @@ def anomdiff_home() -> Path:
     return Path(os.environ.get("ANOMDIFF_HOME", ".anomdiff")).resolve()
 
 
-# The URIs this process handed to ``mlflow.set_tracking_uri``, which also writes them into
-# MLFLOW_TRACKING_URI: that variable is the user's choice only when it holds something else.
+# The URIs that this process wrote into MLFLOW_TRACKING_URI (``mlflow.set_tracking_uri`` does) in
+# place of what the variable held: the variable is the user's choice only when it holds something
+# else. Pointing MLflow at the URI the variable already holds changes nothing and marks nothing, so
+# a user's store stays the user's however many times a job resolves it.
 _SET_HERE: set[str] = set()
 
 
 def _point_mlflow_at(uri: str) -> None:
+    held = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
-    _SET_HERE.add(uri)
+    if held != uri:
+        _SET_HERE.add(uri)
 
 
 def tracking_uri(configured: str | None = None) -> str:

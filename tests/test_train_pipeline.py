@@ -2,6 +2,9 @@
 
 import csv
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -329,5 +332,29 @@ def test_the_uri_mlflow_writes_into_the_environment_does_not_override_the_next_j
     tracking.use_experiment(TrackingConfig(tracking_uri=first))
     assert os.environ["MLFLOW_TRACKING_URI"] == first
     assert tracking.tracking_uri(second) == second
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'users.db'}")
-    assert tracking.tracking_uri(second) == f"sqlite:///{tmp_path / 'users.db'}"
+    users = f"sqlite:///{tmp_path / 'users.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", users)
+    assert tracking.tracking_uri(second) == users
+    # The user's store stays the user's after a job has pointed MLflow at it, however often it resolves
+    tracking.use_experiment(TrackingConfig(tracking_uri=second))
+    assert tracking.tracking_uri(second) == users and tracking.point_at_store(TrackingConfig()) == users
+
+
+def test_a_users_store_given_when_the_process_started_takes_every_run(tmp_path):
+    """Exported before the jobs start (the way a user sets it), the variable names the store of every
+    run of every job the process runs, the second job's as much as the first's."""
+    users = tmp_path / "users.db"
+    script = (
+        "from anomdiff.config import TrackingConfig\n"
+        "from pipelines import tracking\n"
+        "for name in ('first', 'second', 'third'):\n"
+        "    ref = tracking.open_job_run(TrackingConfig(experiment='lifecycle'), name)\n"
+        "    print(ref.tracking_uri)\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{users}", "ANOMDIFF_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [f"sqlite:///{users}"] * 3
+    store = MlflowClient(tracking_uri=f"sqlite:///{users}")
+    runs = store.search_runs([store.get_experiment_by_name("lifecycle").experiment_id])
+    assert sorted(run.info.run_name for run in runs) == ["first", "second", "third"]
+    assert not (tmp_path / "home" / "mlflow.db").exists()
