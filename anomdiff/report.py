@@ -277,5 +277,9 @@ def log_to_mlflow(doc: dict, report_dir: str | Path | None = None, *, artifact_p
     items = list(mlflow_metrics(doc).items())
     for start in range(0, len(items), _MLFLOW_BATCH):
         mlflow.log_metrics(dict(items[start:start + _MLFLOW_BATCH]), step=step)
-    if report_dir is not None:
-        mlflow.log_artifacts(str(report_dir), artifact_path=artifact_path)
+    if report_dir is not None:  # every file but hidden ones (the folder's job lock) and saved maps (bulk data)
+        root = Path(report_dir)
+        for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
+                           and p.relative_to(root).parts[0] != "maps"):
+            folder = path.parent.relative_to(root).as_posix()
+            mlflow.log_artifact(str(path), artifact_path if folder == "." else f"{artifact_path}/{folder}")

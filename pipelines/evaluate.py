@@ -34,6 +34,7 @@ import ray.data
 from anomdiff import metrics, report
 from anomdiff.atomic import atomic_path, write_csv_atomic, write_json_atomic
 from anomdiff.config import DataConfig, EvaluateConfig, TrackingConfig
+from anomdiff.lock import hold_folder
 from anomdiff.models.config import ModelConfig
 from pipelines import registry, runtime, tracking
 from pipelines.data import DataSpec, test_dataset
@@ -168,7 +169,14 @@ def evaluate(model: str, data_path: str, out_dir: str | None = None, overrides: 
              address: str | None = None) -> dict:
     """Score the test split of ``data_path`` with ``model`` (an exported folder, or ``models:/NAME@alias``,
     ``models:/NAME/VERSION``, ``runs:/RUN/model``) on the Ray that ``address`` names
-    (``pipelines.runtime.start_ray``); returns the metrics document."""
+    (``pipelines.runtime.start_ray``); returns the metrics document. One evaluation at a time writes
+    into a report folder (``anomdiff.lock``)."""
+    out = report_folder(model, out_dir)
+    with hold_folder(out):
+        return _evaluate(model, data_path, out, list(overrides), address)
+
+
+def _evaluate(model: str, data_path: str, out: Path, overrides: list[str], address: str | None) -> dict:
     from anomdiff.models import load_model
     from anomdiff.models.saved import read_saved_config
 
@@ -181,7 +189,7 @@ def evaluate(model: str, data_path: str, out_dir: str | None = None, overrides: 
         raise ValueError("model.conditioning and model.method are fixed when a model is trained; "
                          "evaluate takes inference keys of model.* only")
     tracking.check_server(tracking_cfg)
-    out, source = _model_source(model, out_dir, tracking_cfg)
+    source = _model_source(model, out, tracking_cfg)
     model_dir = str(source.folder)
     saved = read_saved_config(model_dir)
     meta = saved.get("metadata", {})
@@ -255,15 +263,24 @@ def protocol(model_config: dict) -> str:
     return model_config["conditioning"]
 
 
-def _model_source(model: str, out_dir: str | None, tracking_cfg: TrackingConfig) -> tuple[Path, ResolvedModel]:
-    """The report folder and the model: an exported folder is read where it is (its report goes next
-    to it by default); a registry or run URI is copied into the report folder (``model/``), where
-    scoring actors on other nodes find it when the folder is on shared storage."""
+def report_folder(model: str, out_dir: str | None) -> Path:
+    """Where an evaluation of ``model`` writes: ``out_dir``; by default next to an exported folder
+    (``evaluation/``), or under ANOMDIFF_HOME for a registry or run URI."""
+    if out_dir:
+        return Path(out_dir)
     if not model.startswith(("models:/", "runs:/")):
-        return Path(out_dir or Path(model).parent / "evaluation"), registry.resolve(model)
+        return Path(model).parent / "evaluation"
+    return tracking.anomdiff_home() / "evaluations" / re.sub(r"[^A-Za-z0-9_.-]+", "-", model)
+
+
+def _model_source(model: str, out: Path, tracking_cfg: TrackingConfig) -> ResolvedModel:
+    """The model: an exported folder is read where it is; a registry or run URI is copied into the
+    report folder (``model/``), where scoring actors on other nodes find it when the folder is on
+    shared storage."""
+    if not model.startswith(("models:/", "runs:/")):
+        return registry.resolve(model)
     tracking.use_experiment(tracking_cfg)
-    out = Path(out_dir or tracking.anomdiff_home() / "evaluations" / re.sub(r"[^A-Za-z0-9_.-]+", "-", model))
-    return out, registry.resolve(model, download_to=out / "model")
+    return registry.resolve(model, download_to=out / "model")
 
 
 def _log(doc: dict, out: Path, tracking_cfg: TrackingConfig, source: ResolvedModel, data_path: str,

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from anomdiff.atomic import write_csv_atomic
 from anomdiff.data.images import load_rgb
 from anomdiff.inference import ImageScorer, Prediction, find_images
+from anomdiff.lock import hold_folder
 from pipelines import registry
 from pipelines.cli import bounded
 
@@ -40,8 +41,14 @@ def overlay_name(index: int, path: Path) -> str:
 def predict(model: str, images: list[str], out: Path, category: str | None = None, batch_size: int = 16,
             overlays: bool = True, tracking_uri: str | None = None, progress: bool = True) -> list[dict]:
     """Score every image found under ``images``; writes ``out/predictions.csv`` and the overlays and
-    returns the rows."""
-    paths = find_images(images)
+    returns the rows. One prediction at a time writes into ``out`` (``anomdiff.lock``)."""
+    paths = find_images(images)  # no images: refused before the folder is made
+    with hold_folder(out):
+        return _predict(model, paths, Path(out), category, batch_size, overlays, tracking_uri, progress)
+
+
+def _predict(model: str, paths: list[Path], out: Path, category: str | None, batch_size: int, overlays: bool,
+             tracking_uri: str | None, progress: bool) -> list[dict]:
     with registry.local_folder(model, tracking_uri) as folder:  # a download is gone once loaded
         scorer = ImageScorer(folder)
     scorer.check_category(category)  # a category the model does not know stops here, before any image

@@ -36,6 +36,7 @@ import mlflow
 import ray
 
 from anomdiff.atomic import write_csv_atomic, write_json_atomic
+from anomdiff.lock import hold_folder
 from anomdiff.sweep import Cell, SweepSpec, load_sweep, spread
 from pipelines import runtime, tracking
 
@@ -132,8 +133,14 @@ def read_result(spec: SweepSpec, cell: Cell) -> dict | None:
 
 
 def run(spec: SweepSpec, address: str | None = None) -> list[dict]:
-    """Run (or finish) the sweep; returns the rows of ``scaling.csv``."""
+    """Run (or finish) the sweep; returns the rows of ``scaling.csv``. One sweep at a time writes into
+    ``output_dir`` (``anomdiff.lock``)."""
     spec.output_dir = str(Path(spec.output_dir).resolve())
+    with hold_folder(spec.output_dir):
+        return _sweep(spec, address)
+
+
+def _sweep(spec: SweepSpec, address: str | None) -> list[dict]:
     out = Path(spec.output_dir)
     base = spec.base()
     tracking.check_server(base.tracking)

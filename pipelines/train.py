@@ -36,6 +36,7 @@ from ray.train.torch import TorchTrainer
 
 from anomdiff.atomic import write_json_atomic
 from anomdiff.config import ExperimentConfig, load_config, save_config
+from anomdiff.lock import LOCK_FILE, hold_folder
 from anomdiff.models import model_class
 from anomdiff.models.pretrained import pretrained_problems
 from pipelines import registry, runtime, stage, tracking
@@ -75,7 +76,7 @@ def preflight(cfg: ExperimentConfig) -> DataSpec:
         if saved.read_text() != _config_text(cfg):
             raise FileExistsError(f"{out} holds another run (its {RESOLVED_CONFIG} differs); "
                                   "choose a new output_dir or delete the old run")
-    elif out.exists() and any(out.iterdir()):
+    elif out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise FileExistsError(f"{out} exists and is not an anomdiff run; choose an empty or new output_dir")
     return spec
 
@@ -394,8 +395,13 @@ def run(cfg: ExperimentConfig, address: str | None = None, callbacks: list | Non
     """Train and export on the Ray that ``address`` names (``pipelines.runtime.start_ray``); returns
     the exported model's metadata. ``callbacks``: Ray Train callbacks (a search's reporter)."""
     spec = preflight(cfg)
-    categories = spec.categories
     out = Path(cfg.output_dir).resolve()
+    with hold_folder(out):  # one live training per output_dir: a second one is refused, naming this one
+        return _train(cfg, spec, out, address, callbacks)
+
+
+def _train(cfg: ExperimentConfig, spec: DataSpec, out: Path, address: str | None, callbacks: list | None) -> dict:
+    categories = spec.categories
     runtime.start_ray(address)
     check_resources(cfg, spec)
     out.mkdir(parents=True, exist_ok=True)

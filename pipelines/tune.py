@@ -32,6 +32,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from anomdiff.atomic import write_csv_atomic, write_text_atomic
 from anomdiff.config import ExperimentConfig, apply_overrides, load_config, save_config
+from anomdiff.lock import hold_folder
 from anomdiff.search import SearchSpec, load_search, nested, yaml_value
 from pipelines import runtime, tracking
 from pipelines.data import DataSpec, validation_dataset
@@ -199,7 +200,13 @@ def _same_search(spec: SearchSpec, out: Path) -> None:
 
 
 def run(spec: SearchSpec, address: str | None = None) -> dict:
-    """Run (or resume) the search; returns the best trial's row."""
+    """Run (or resume) the search; returns the best trial's row. One search at a time writes into
+    ``output_dir`` (``anomdiff.lock``)."""
+    with hold_folder(Path(spec.output_dir).resolve()):
+        return _search(spec, address)
+
+
+def _search(spec: SearchSpec, address: str | None) -> dict:
     from anomdiff.models import load_model
 
     out = Path(spec.output_dir).resolve()
