@@ -39,7 +39,7 @@ from anomdiff.config import ExperimentConfig, load_config, save_config
 from anomdiff.lock import LOCK_FILE, hold_folder
 from anomdiff.models import model_class
 from anomdiff.models.pretrained import pretrained_problems
-from pipelines import registry, runtime, stage, tracking
+from pipelines import autoscaling, registry, runtime, stage, tracking
 from pipelines.data import DataSpec, EveryRowDataConfig, train_dataset, validation_dataset
 
 SELECTION_METRIC = "val_image_auroc"
@@ -100,9 +100,11 @@ def autoscaler_ceiling() -> dict[str, float] | None:
         return None
 
 
-def check_resources(cfg: ExperimentConfig, spec: DataSpec) -> None:
+def check_resources(cfg: ExperimentConfig, spec: DataSpec, ask=lambda bundles: None) -> None:
     """Refuse a worker count the cluster cannot place, instead of waiting forever, and a training
-    cache the object store cannot hold."""
+    cache the object store cannot hold. Where an autoscaler can add the workers (within its node
+    groups' ceiling, ``train.resource_wait_s > 0``), ``ask(bundles)`` asks it for them and the wait
+    is bounded by ``train.resource_wait_s``."""
     t = cfg.train
     need = {"CPU": t.num_workers * t.cpus_per_worker, "GPU": t.num_workers if t.use_gpu else 0}
 
@@ -119,10 +121,7 @@ def check_resources(cfg: ExperimentConfig, spec: DataSpec) -> None:
                          f"groups hold at most {beyond[2]:g} at their maximum size; lower train.num_workers or "
                          "train.cpus_per_worker, or raise the node groups' maxReplicas")
     if short and t.resource_wait_s > 0:  # an autoscaling cluster adds nodes when asked
-        from ray.autoscaler.sdk import request_resources
-
-        worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-        request_resources(bundles=[worker] * t.num_workers)
+        ask(worker_bundles(cfg))
         stage.progress(f"[train] {short[1]:g} {short[0]} needed, {short[2]:g} in the cluster: asked the autoscaler "
                        f"for them, waiting up to {t.resource_wait_s:g} s (train.resource_wait_s)")
         deadline = time.monotonic() + t.resource_wait_s
@@ -396,14 +395,22 @@ def run(cfg: ExperimentConfig, address: str | None = None, callbacks: list | Non
     the exported model's metadata. ``callbacks``: Ray Train callbacks (a search's reporter)."""
     spec = preflight(cfg)
     out = Path(cfg.output_dir).resolve()
-    with hold_folder(out):  # one live training per output_dir: a second one is refused, naming this one
-        return _train(cfg, spec, out, address, callbacks)
+    # One live training per output_dir: a second one is refused, naming this one. An autoscaler asked
+    # for the workers keeps the request until the job ends, however it ends.
+    with hold_folder(out), ExitStack() as job:
+        runtime.start_ray(address)
+        check_resources(cfg, spec, ask=lambda bundles: job.enter_context(autoscaling.holding(bundles)))
+        return _train(cfg, spec, out, callbacks)
 
 
-def _train(cfg: ExperimentConfig, spec: DataSpec, out: Path, address: str | None, callbacks: list | None) -> dict:
+def worker_bundles(cfg: ExperimentConfig) -> list[dict]:
+    """The resources of each Ray Train worker, one bundle per worker."""
+    t = cfg.train
+    return [{"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}] * t.num_workers
+
+
+def _train(cfg: ExperimentConfig, spec: DataSpec, out: Path, callbacks: list | None) -> dict:
     categories = spec.categories
-    runtime.start_ray(address)
-    check_resources(cfg, spec)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / RESOLVED_CONFIG)  # only now: a refused start must not pin its config on the folder
 

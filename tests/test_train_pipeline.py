@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -150,7 +151,6 @@ def test_more_workers_than_the_cluster_can_place_is_refused(dataset, tmp_path, m
 
 def test_an_autoscaling_cluster_is_asked_for_the_workers_and_waited_for_within_the_bound(dataset, tmp_path,
                                                                                           monkeypatch):
-    import ray.autoscaler.sdk
 
     from pipelines import train
 
@@ -161,10 +161,9 @@ def test_an_autoscaling_cluster_is_asked_for_the_workers_and_waited_for_within_t
         return {"CPU": 2.0 if len(calls) < 3 else 8.0, "object_store_memory": 1e12}
 
     monkeypatch.setattr(train.ray, "cluster_resources", growing)
-    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: asked.append(bundles))
     monkeypatch.setattr(train.time, "sleep", lambda seconds: None)
     cfg = tiny_config(dataset, tmp_path / "run", "train.num_workers=8", "train.resource_wait_s=30")
-    train.check_resources(cfg, train.preflight(cfg))
+    train.check_resources(cfg, train.preflight(cfg), ask=asked.append)
     assert asked == [[{"CPU": 0.5}] * 8] and len(calls) >= 3
     monkeypatch.setattr(train.ray, "cluster_resources", lambda: {"CPU": 2.0})
     clock = iter(range(0, 10_000, 10))
@@ -175,25 +174,52 @@ def test_an_autoscaling_cluster_is_asked_for_the_workers_and_waited_for_within_t
 
 def test_more_than_the_autoscalers_node_groups_can_ever_hold_is_refused_without_waiting(dataset, tmp_path,
                                                                                         monkeypatch):
-    import ray.autoscaler.sdk
 
     from pipelines import train
 
     monkeypatch.setattr(train.ray, "cluster_resources", lambda: {"CPU": 2.0, "object_store_memory": 1e12})
-    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: pytest.fail("asked the autoscaler"))
     monkeypatch.setattr(train.time, "sleep", lambda seconds: pytest.fail("waited for the impossible"))
     monkeypatch.setattr(train, "autoscaler_ceiling", lambda: {"CPU": 3.0, "GPU": 0})
     cfg = tiny_config(dataset, tmp_path / "run", "train.num_workers=8", "train.resource_wait_s=900")
     with pytest.raises(ValueError, match="needs 4 CPU but the autoscaler's node groups hold at most 3"):
-        train.check_resources(cfg, train.preflight(cfg))
+        train.check_resources(cfg, train.preflight(cfg), ask=lambda bundles: pytest.fail("asked the autoscaler"))
     # Within the ceiling the same request is waited for, as before.
     monkeypatch.setattr(train, "autoscaler_ceiling", lambda: {"CPU": 64.0})
     monkeypatch.setattr(train.time, "sleep", lambda seconds: None)
     clock = iter(range(0, 10_000, 10))
     monkeypatch.setattr(train.time, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(ray.autoscaler.sdk, "request_resources", lambda bundles: None)
     with pytest.raises(ValueError, match="after 900 s of waiting for the autoscaler"):
         train.check_resources(cfg, train.preflight(cfg))
+
+
+def autoscaler_request() -> list[dict]:
+    """What the autoscaler is asked for now (Ray's v1 request channel in the GCS key-value store)."""
+    from ray._private.ray_constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return json.loads(raw) if raw else []
+
+
+@pytest.mark.slow
+def test_autoscaler_requests_are_the_union_of_live_jobs_and_end_with_them(local_ray):
+    from pipelines import autoscaling
+
+    cpu, gpu = {"CPU": 0.5}, {"CPU": 4, "GPU": 1}
+    with autoscaling.holding([cpu] * 2):
+        with autoscaling.holding([gpu] * 3):  # a second job does not erase the first one's need
+            assert sorted(map(json.dumps, autoscaler_request())) == sorted(map(json.dumps, [cpu] * 2 + [gpu] * 3))
+        assert autoscaler_request() == [cpu] * 2
+        with pytest.raises(RuntimeError), autoscaling.holding([gpu]):  # a failed job withdraws its need too
+            raise RuntimeError("the job failed")
+        assert autoscaler_request() == [cpu] * 2
+    assert autoscaler_request() == []
+    # A need its driver stops renewing (a killed driver) lapses by itself.
+    keeper = autoscaling.Requests.options(namespace="anomdiff-test").remote(prune_every_s=0.2)
+    ray.get(keeper.hold.remote("killed", [gpu], 0.5))
+    assert ray.get(keeper.bundles.remote()) == [gpu]
+    time.sleep(1.5)
+    assert ray.get(keeper.bundles.remote()) == [] and autoscaler_request() == []
 
 
 def test_a_training_cache_the_object_store_cannot_hold_is_refused(dataset, tmp_path, monkeypatch):
