@@ -74,7 +74,7 @@ def summarise(parts: list[dict]) -> dict:
     }
 
 
-def validate(model, batches: Iterable[dict], max_images: int, seed: int = 0) -> dict:
+def validate(model, batches: Iterable[dict], max_images: int | None, seed: int = 0) -> dict:
     """Score held-out normals and their defective copies in one process; returns AUROCs, threshold,
     score range."""
     return summarise([score_validation(model, batches, max_images, seed)])

@@ -9,6 +9,7 @@ cores, whole-CPU tasks starve the training workers or are starved by them.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import ray
@@ -17,8 +18,8 @@ import ray.train
 
 from anomdiff.config import DataConfig
 from anomdiff.data.manifest import read_manifest, shard_paths
-from anomdiff.data.splits import nested_subset
-from anomdiff.data.transforms import COLUMNS, DecodeBatch, RepeatByCategory, SelectHoldout
+from anomdiff.data.splits import nested_subset, validation_per_category
+from anomdiff.data.transforms import COLUMNS, DecodeBatch, RepeatByCategory, SelectHoldout, SelectIds
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,11 +105,31 @@ def train_dataset(spec: DataSpec) -> ray.data.Dataset:
     return data.materialize() if spec.config.cache else data
 
 
+def validation_ids(spec: DataSpec, limit: int | None = None) -> dict[str, list[str]]:
+    """The validation normals of each category (read from the shards' ``sample_id`` column here, on
+    the driver): the held-out ones, ``ceil(limit / categories)`` per category at most (at least one
+    each, so every category is represented; all of them without ``limit``)."""
+    import pyarrow.parquet as pq
+
+    per_category = None if limit is None else max(1, math.ceil(limit / len(spec.categories)))
+    ids = {c: [s for path in shard_paths(spec.path, spec.manifest, "train", [c])
+               for s in pq.read_table(path, columns=["sample_id"]).column("sample_id").to_pylist()]
+           for c in spec.categories}
+    chosen = validation_per_category(ids, spec.config.validation_fraction, spec.config.validation_seed, per_category)
+    empty = [c for c, picked in chosen.items() if not picked]
+    if empty:
+        raise ValueError(f"{spec.path}: category {empty[0]} has no validation normal at data.validation_fraction="
+                         f"{spec.config.validation_fraction}; raise it or give the category more training images")
+    return chosen
+
+
 def validation_dataset(spec: DataSpec, limit: int | None = None) -> ray.data.Dataset:
-    """The held-out training normals (the first ``limit`` of them), decoded, as tensors only: model
-    selection and thresholds use these, never test."""
-    normals = training_normals(spec, validation=True).drop_columns(["sample_id"])
-    return normals.limit(limit) if limit is not None else normals
+    """The validation normals of :func:`validation_ids`, decoded, as tensors only: model selection and
+    thresholds use these, never test. The same images at every checkpoint, every category in them."""
+    keep = SelectIds(frozenset(s for ids in validation_ids(spec, limit).values() for s in ids))
+    rows = read_rows(spec, "train").map_batches(keep, batch_format="pyarrow", batch_size=spec.batch_size,
+                                                num_cpus=spec.config.decode_cpus)
+    return _decoded(rows, spec, spec.categories).drop_columns(["sample_id"])
 
 
 def test_dataset(spec: DataSpec, categories: list[str] | None = None,

@@ -40,7 +40,7 @@ from anomdiff.lock import LOCK_FILE, hold_folder
 from anomdiff.models import model_class
 from anomdiff.models.pretrained import pretrained_problems
 from pipelines import autoscaling, registry, runtime, stage, tracking
-from pipelines.data import DataSpec, EveryRowDataConfig, train_dataset, validation_dataset
+from pipelines.data import DataSpec, EveryRowDataConfig, train_dataset, validation_dataset, validation_ids
 
 SELECTION_METRIC = "val_image_auroc"
 STATE_FILE = "train_state.json"
@@ -291,7 +291,7 @@ def bank_worker(config: dict) -> None:
                            f"{len(counts)} categories")
             validation = ray.train.get_dataset_shard("validation").iter_torch_batches(
                 batch_size=cfg.evaluate.batch_size, device=device)
-            result = validate(model, validation, cfg.train.validation_images, seed=cfg.seed)
+            result = validate(model, validation, max_images=None, seed=cfg.seed)  # the set is already chosen
             model.save(Path(directory) / "model")
             write_json_atomic(Path(directory) / STATE_FILE, {"step": 0, **result, **_peak_rss()})
             shared = [{"step": 0, **{k: v for k, v in result.items() if k != "score_range"}, **_placement()}]
@@ -369,8 +369,10 @@ def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int) -> dict:
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag="ds")
 
 
-def export_model(cfg: ExperimentConfig, categories: list[str], checkpoint_dir: Path, out: Path) -> dict:
-    """Write the consolidated model (safetensors + config + threshold) to ``out`` atomically."""
+def export_model(cfg: ExperimentConfig, categories: list[str], checkpoint_dir: Path, out: Path,
+                 validation_counts: dict[str, int] | None = None) -> dict:
+    """Write the consolidated model (safetensors + config + threshold) to ``out`` atomically;
+    ``validation_counts``: the validation normals per category its checkpoint was chosen on."""
     from anomdiff.models import build_model, load_model
 
     state = json.loads((checkpoint_dir / STATE_FILE).read_text())
@@ -382,6 +384,7 @@ def export_model(cfg: ExperimentConfig, categories: list[str], checkpoint_dir: P
     metadata = {"categories": categories, "threshold": state["threshold"], "score_range": state["score_range"],
                 "step": state["step"], SELECTION_METRIC: state[SELECTION_METRIC],
                 "val_pixel_auroc": state["val_pixel_auroc"], "val_images": state.get("val_images"),
+                "val_images_per_category": validation_counts,
                 "experiment": cfg.name, WORKER_PEAK_RSS: state.get(WORKER_PEAK_RSS)}
     model.save(out, metadata=metadata)  # atomic: the previous model stays whole until the new one is in
     return metadata
@@ -419,6 +422,7 @@ def _train(cfg: ExperimentConfig, spec: DataSpec, out: Path, callbacks: list | N
     bank_spec = replace(spec, config=replace(spec.config, balanced=False))
     datasets = {"train": train_dataset(bank_spec if gradient_free else spec),
                 "validation": validation_dataset(spec, limit=cfg.train.validation_images)}
+    validation_counts = {c: len(ids) for c, ids in validation_ids(spec, cfg.train.validation_images).items()}
     run_ref = tracking.open_job_run(cfg.tracking, cfg.name, out / "mlflow_run_id", experiment=cfg)
     t = cfg.train
     per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
@@ -439,7 +443,7 @@ def _train(cfg: ExperimentConfig, spec: DataSpec, out: Path, callbacks: list | N
     result = trainer.fit()
     best_checkpoint, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC])
     with best_checkpoint.as_directory() as directory:
-        metadata = export_model(cfg, categories, Path(directory), out / "model")
+        metadata = export_model(cfg, categories, Path(directory), out / "model", validation_counts)
     print(f"exported the step-{metadata['step']} model ({SELECTION_METRIC} {metadata[SELECTION_METRIC]:.3f}) "
           f"to {out / 'model'}")
     with tracking.resume(run_ref) as active:

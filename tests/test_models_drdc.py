@@ -1,5 +1,7 @@
 """DRDC: disjoint mask sets, the closed identical shortcut, the fusion weight, a pasted defect, persistence."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from samples import images, noise_bank_knn, with_defects
@@ -19,10 +21,16 @@ def tiny_drdc(overrides=None, num_categories=1):
     return build_model(cfg, num_categories)
 
 
+@contextmanager
 def with_drdc(model, **drdc):
-    """The same weights under other inference keys (what evaluate's model.drdc.* overrides do)."""
-    model.cfg = ModelConfig.from_dict({"drdc": drdc}, base=model.cfg)
-    return model
+    """The same weights under other inference keys (what evaluate's model.drdc.* overrides do), the
+    model's own keys back afterwards (the trained model is shared by the module)."""
+    cfg = model.cfg
+    model.cfg = ModelConfig.from_dict({"drdc": drdc}, base=cfg)
+    try:
+        yield model
+    finally:
+        model.cfg = cfg
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +41,24 @@ def trained(one_cpu_thread):
     batches = [{"image": x[i:i + 8], "category_index": torch.zeros(8, dtype=torch.long)} for i in (0, 8)]
     fit(model, batches, steps=30, lr=2e-3)
     return model
+
+
+@pytest.fixture(scope="module")
+def pasted(trained):
+    """``maps`` (base, refinement, fused) of four normals and of the same four with a pasted defect each,
+    under the model's own keys (gamma 0.5), and the defects' masks."""
+    clean, _ = images(0, 4, seed=9)
+    defective, masks = with_defects(clean)
+    return trained.maps({"image": clean}), trained.maps({"image": defective}), masks
+
+
+def mean_inside(maps, masks):
+    return float((maps * masks).sum() / masks.sum())
+
+
+def contrast(maps, masks):
+    """How much hotter the masked pixels are than the rest, whatever the map's scale."""
+    return mean_inside(maps, masks) / mean_inside(maps, 1 - masks)
 
 
 @pytest.mark.parametrize("height, width, count, patch", [(64, 64, 4, 8), (60, 52, 3, 16), (32, 48, 7, 8),
@@ -73,30 +99,46 @@ def test_a_masked_pixel_never_reaches_its_own_inpainting(trained):
 def test_gamma_zero_gives_the_base_map_and_one_the_refinement_alone(trained):
     x, _ = images(0, 2, seed=2)
     base = trained.base.score({"image": x})["anomaly_map"]
-    half = with_drdc(trained, gamma=0.5).maps({"image": x})
-    try:
-        assert torch.equal(with_drdc(trained, gamma=0.0).score({"image": x})["anomaly_map"], base)
-        assert torch.allclose(with_drdc(trained, gamma=1.0).score({"image": x})["anomaly_map"], half["refinement"])
-        assert torch.allclose(half["fused"], 0.5 * base + 0.5 * half["refinement"])
-        assert not torch.allclose(half["refinement"], base, atol=1e-2)
-    finally:
-        with_drdc(trained, gamma=0.5)
+    refinement = trained.refinement_map({"image": x})
+    assert not torch.allclose(refinement, base, atol=1e-2)  # the two ends differ, so each check below can fail
+    with with_drdc(trained, gamma=0.0):
+        assert torch.equal(trained.score({"image": x})["anomaly_map"], base)
+    with with_drdc(trained, gamma=1.0):
+        assert torch.allclose(trained.score({"image": x})["anomaly_map"], refinement)
 
 
-def test_a_pasted_defect_raises_the_refinement_heatmap_at_the_defect(trained):
-    clean, _ = images(0, 4, seed=9)
-    defective, masks = with_defects(clean)
-    at_defect = (trained.refinement_map({"image": defective}) * masks).sum() / masks.sum()
-    same_pixels_clean = (trained.refinement_map({"image": clean}) * masks).sum() / masks.sum()
-    assert at_defect > 1.5 * same_pixels_clean, (float(at_defect), float(same_pixels_clean))
+def test_a_pasted_defect_raises_the_refinement_and_the_fused_map_at_the_defect(pasted):
+    """The same pixels, normal and then under a pasted defect: hotter in the refinement and, through it,
+    in the fused map the model scores with by more than in the base map alone."""
+    clean, defective, masks = pasted
+    rise = {k: mean_inside(defective[k], masks) / mean_inside(clean[k], masks) for k in ("base", "refinement", "fused")}
+    assert rise["refinement"] > 1.5, rise
+    assert rise["fused"] > 1.2 and rise["fused"] > rise["base"], rise
+
+
+def test_the_fused_map_shows_a_defect_the_base_map_barely_sees(pasted):
+    """Pro-AD's map after 30 steps is barely hotter on the pasted defects than around them, the
+    refinement clearly is: mixing it in makes the defects stand out more than in the base map."""
+    _, defective, masks = pasted
+    assert contrast(defective["base"], masks) < 1.3 < contrast(defective["refinement"], masks)
+    assert contrast(defective["fused"], masks) > 1.08 * contrast(defective["base"], masks)
 
 
 def test_the_refinement_uses_n_t_timesteps_from_t_nt():
     assert refinement_timesteps(3, 600) == [600, 400, 200]
     assert refinement_timesteps(1, 300) == [300]
-    model = tiny_drdc({"drdc": {"timesteps": 3, "start_timestep": 300}})
-    inpainted, sets = model.inpaintings({"image": images(0, 1, seed=0)[0]})
-    assert inpainted.shape == (1, 3, 4, 3, 64, 64) and sets.shape == (4, 64, 64)
+
+
+def test_more_timesteps_change_the_fused_map_but_average_rather_than_add_up(trained):
+    """n_t = 1 and 3: the fused map changes, while the refinement keeps its scale against the base map
+    (the timesteps' maps are averaged, not summed)."""
+    x, _ = images(0, 1, seed=2)
+    with with_drdc(trained, timesteps=1):
+        one = trained.maps({"image": x})
+    with with_drdc(trained, timesteps=3):
+        three = trained.maps({"image": x})
+    assert (three["fused"] - one["fused"]).abs().max() > 1e-3
+    assert 0.67 < float(three["refinement"].mean() / one["refinement"].mean()) < 1.5
 
 
 def test_training_reaches_the_base_the_inpainter_and_the_category_head():
@@ -192,7 +234,8 @@ def test_an_exported_base_model_gives_the_base_map_frozen_and_travels_with_the_m
     assert float(out["base"]) == 0.0 and not any(p.requires_grad for p in model.base.parameters())
     probe, _ = images(0, 1, seed=5)
     expected = knn.score({"image": probe})["anomaly_map"]
-    assert torch.equal(with_drdc(model, gamma=0.0).score({"image": probe})["anomaly_map"], expected)
+    with with_drdc(model, gamma=0.0):
+        assert torch.equal(model.score({"image": probe})["anomaly_map"], expected)
     model.save(tmp_path / "drdc", metadata={"categories": ["a"]})
     shutil.rmtree(tmp_path / "knn")
     loaded = load_model(tmp_path / "drdc")

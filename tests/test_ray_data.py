@@ -94,3 +94,19 @@ def test_unknown_category_subset_is_refused(dataset):
 
     with pytest.raises(ValueError, match="asked for 7 categories, the dataset has 6"):
         DataSpec.open(DataConfig(path=str(dataset), num_categories=7), 16)
+
+
+def test_validation_is_drawn_per_category_and_is_the_same_set_each_time(local_ray, dataset):
+    """A limit below the category count still sees every category (one normal each), and two reads
+    (two checkpoints) score the same images; ``.limit`` over shard order took the first categories only."""
+    from pipelines.data import DataSpec, validation_dataset, validation_ids
+
+    spec = DataSpec.open(DataConfig(path=str(dataset), validation_fraction=0.5), 16, batch_size=8)
+    chosen = validation_ids(spec, limit=4)
+    assert set(chosen) == set(spec.categories) and all(len(ids) == 1 for ids in chosen.values())
+    assert validation_ids(spec, limit=4) == chosen
+    for _ in range(2):
+        rows = validation_dataset(spec, limit=4).take_all()
+        assert sorted(spec.categories[r["category_index"]] for r in rows) == sorted(spec.categories)
+    more = validation_ids(spec, limit=12)
+    assert all(len(ids) == 2 and set(chosen[c]) <= set(ids) for c, ids in more.items())  # nested, 12/6 each

@@ -19,3 +19,16 @@ def test_validation_hold_out_is_a_stable_seeded_fraction():
     assert 400 < len(held) < 600
     assert held == [i for i in ids if is_validation(i, 0.1, seed=0)]
     assert not any(is_validation(i, 0.0) for i in ids)
+
+
+def test_validation_per_category_keeps_the_same_held_out_ids_and_caps_each_category():
+    from anomdiff.data.splits import validation_per_category
+
+    ids = {"a": [f"a/{i}" for i in range(200)], "b": [f"b/{i}" for i in range(30)]}
+    chosen = validation_per_category(ids, 0.2, seed=0, per_category=5)
+    assert [len(v) for v in chosen.values()] == [5, 5]
+    assert all(is_validation(s, 0.2, 0) for v in chosen.values() for s in v)
+    shuffled = {c: list(reversed(v)) for c, v in ids.items()}  # another shard order, the same choice
+    assert validation_per_category(shuffled, 0.2, seed=0, per_category=5) == chosen
+    everything = validation_per_category(ids, 0.2, seed=0, per_category=None)
+    assert len(everything["a"]) == sum(is_validation(s, 0.2, 0) for s in ids["a"])

@@ -34,3 +34,15 @@ def is_validation(sample_id: str, fraction: float, seed: int = 0) -> bool:
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
     return _unit_hash(sample_id, seed + 1) < fraction
+
+
+def validation_per_category(ids_by_category: dict[str, list[str]], fraction: float, seed: int,
+                            per_category: int | None) -> dict[str, list[str]]:
+    """The validation normals of each category: its held-out ids (:func:`is_validation`), at most
+    ``per_category`` of them (``None``: all), always the same ones for a seed (those with the smallest
+    hold-out hash), so every category is represented and every checkpoint sees the same images."""
+    chosen = {}
+    for category, ids in sorted(ids_by_category.items()):
+        held = sorted((_unit_hash(s, seed + 1), s) for s in ids if is_validation(s, fraction, seed))
+        chosen[category] = [s for _, s in held[:per_category]]
+    return chosen

@@ -83,6 +83,16 @@ class SelectHoldout:
         return rows.filter(pa.array(held if self.validation else ~held))
 
 
+class SelectIds:
+    """Callable for ``map_batches`` on raw Arrow rows: keep the rows whose ``sample_id`` is in ``ids``."""
+
+    def __init__(self, ids: frozenset[str]):
+        self.ids = ids
+
+    def __call__(self, rows: pa.Table) -> pa.Table:
+        return rows.filter(pa.array([s in self.ids for s in rows.column("sample_id").to_pylist()], type=pa.bool_()))
+
+
 class RepeatByCategory:
     """Callable for ``map_batches`` on decoded batches: repeat each row ``factors[category]`` times
     (category-balanced sampling; factors are the largest category's count over each one's)."""

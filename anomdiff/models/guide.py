@@ -56,7 +56,7 @@ class SpatialFeatureFusion(nn.Module):
         for _ in range(num_outputs):
             for c in in_channels:
                 conv = nn.Conv2d(c, out_channels, kernel_size=3, stride=2, padding=1, bias=False)
-                pass
+                nn.init.zeros_(conv.weight)
                 self.fuse.append(nn.Sequential(conv, nn.InstanceNorm2d(out_channels), nn.SiLU()))
         self.act = nn.SiLU()
 
