@@ -68,7 +68,9 @@ class TrainConfig(Section):
     ``resource_wait_s``: how long the start may wait for an autoscaler to add the nodes the workers
     need (their resources are requested from it); 0 refuses at once what the cluster does not have.
     ``placement_strategy``: how Ray places the workers' resource bundles (:data:`PLACEMENT_STRATEGIES`;
-    ``STRICT_SPREAD`` puts each worker on a node of its own)."""
+    ``STRICT_SPREAD`` puts each worker on a node of its own).
+    ``selection_image_weight``: checkpoints are kept and exported by ``w x validation image AUROC +
+    (1 - w) x validation pixel AUROC`` (a search that trains sets it from its own metric)."""
 
     num_workers: int = 1
     use_gpu: bool = False
@@ -89,6 +91,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = 2
     max_failures: int = 1
     validation_images: int = 64
+    selection_image_weight: float = 1.0
     zero: ZeroConfig = field(default_factory=ZeroConfig)
 
     def __post_init__(self) -> None:
@@ -98,6 +101,8 @@ class TrainConfig(Section):
         for name in ("lr", "vae_lr", "cpus_per_worker", "grad_clip"):
             if not 0 < getattr(self, name) < math.inf:  # nan fails every comparison
                 raise ValueError(f"train.{name} must be a positive finite number, got {getattr(self, name)}")
+        if not 0 <= self.selection_image_weight <= 1:
+            raise ValueError(f"train.selection_image_weight must be in [0, 1], got {self.selection_image_weight}")
         if not 0 <= self.resource_wait_s < math.inf:
             raise ValueError(f"train.resource_wait_s must be a finite number >= 0, got {self.resource_wait_s}")
         if not 0 <= self.weight_decay < math.inf:

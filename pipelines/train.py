@@ -42,7 +42,13 @@ from anomdiff.models.pretrained import pretrained_problems
 from pipelines import autoscaling, registry, runtime, stage, tracking
 from pipelines.data import DataSpec, EveryRowDataConfig, train_dataset, validation_dataset, validation_ids
 
-SELECTION_METRIC = "val_image_auroc"
+SELECTION_METRIC = "val_selection"  # train.selection_image_weight's mix of validation image and pixel AUROC
+
+
+def with_selection(result: dict, image_weight: float) -> dict:
+    """A validation result with its selection score (:data:`SELECTION_METRIC`)."""
+    pixel = result["val_pixel_auroc"] if result.get("val_pixel_auroc") is not None else result["val_image_auroc"]
+    return {**result, SELECTION_METRIC: image_weight * result["val_image_auroc"] + (1 - image_weight) * pixel}
 STATE_FILE = "train_state.json"
 RESOLVED_CONFIG = "config.yaml"
 PLACEMENT_GROUP = "placement_group"
@@ -224,7 +230,7 @@ def train_worker(config: dict) -> None:
         engine.eval()
         # Each rank scores its own share of the validation set; rank 0 pools the shares.
         part = score_validation(engine.module, validation_batches(), seed=cfg.seed + 100_003 * rank)
-        result = _pooled_validation(part, rank)
+        result = with_selection(_pooled_validation(part, rank), cfg.train.selection_image_weight)
         engine.train()
         metrics = {"step": step, **{k: v for k, v in result.items() if k != "score_range"}, **_placement()}
         with tempfile.TemporaryDirectory() as directory:
@@ -291,7 +297,8 @@ def bank_worker(config: dict) -> None:
                            f"{len(counts)} categories")
             validation = ray.train.get_dataset_shard("validation").iter_torch_batches(
                 batch_size=cfg.evaluate.batch_size, device=device)
-            result = validate(model, validation, max_images=None, seed=cfg.seed)  # the set is already chosen
+            result = with_selection(validate(model, validation, max_images=None, seed=cfg.seed),  # the set is chosen
+                                    cfg.train.selection_image_weight)
             model.save(Path(directory) / "model")
             write_json_atomic(Path(directory) / STATE_FILE, {"step": 0, **result, **_peak_rss()})
             shared = [{"step": 0, **{k: v for k, v in result.items() if k != "score_range"}, **_placement()}]
@@ -383,7 +390,8 @@ def export_model(cfg: ExperimentConfig, categories: list[str], checkpoint_dir: P
         model.load_state_dict(consolidated_state_dict(checkpoint_dir, cfg.train.zero.stage), strict=True)
     metadata = {"categories": categories, "threshold": state["threshold"], "score_range": state["score_range"],
                 "step": state["step"], SELECTION_METRIC: state[SELECTION_METRIC],
-                "val_pixel_auroc": state["val_pixel_auroc"], "val_images": state.get("val_images"),
+                "val_image_auroc": state["val_image_auroc"], "val_pixel_auroc": state["val_pixel_auroc"],
+                "selection_image_weight": cfg.train.selection_image_weight, "val_images": state.get("val_images"),
                 "val_images_per_category": validation_counts,
                 "experiment": cfg.name, WORKER_PEAK_RSS: state.get(WORKER_PEAK_RSS)}
     model.save(out, metadata=metadata)  # atomic: the previous model stays whole until the new one is in
@@ -444,11 +452,12 @@ def _train(cfg: ExperimentConfig, spec: DataSpec, out: Path, callbacks: list | N
     best_checkpoint, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC])
     with best_checkpoint.as_directory() as directory:
         metadata = export_model(cfg, categories, Path(directory), out / "model", validation_counts)
-    print(f"exported the step-{metadata['step']} model ({SELECTION_METRIC} {metadata[SELECTION_METRIC]:.3f}) "
-          f"to {out / 'model'}")
+    print(f"exported the step-{metadata['step']} model (validation image AUROC {metadata['val_image_auroc']:.3f}, "
+          f"pixel AUROC {metadata['val_pixel_auroc']:.3f}; selected by {SELECTION_METRIC} "
+          f"{metadata[SELECTION_METRIC]:.3f}) to {out / 'model'}")
     with tracking.resume(run_ref) as active:
-        tracking.log_metrics({"best/" + SELECTION_METRIC: metadata[SELECTION_METRIC],
-                              "best/threshold": metadata["threshold"]})
+        tracking.log_metrics({f"best/{key}": metadata[key] for key in (SELECTION_METRIC, "val_image_auroc",
+                                                                        "val_pixel_auroc", "threshold")})
         if active is not None:  # the store answers: the model goes to MLflow (and the registry) too
             try:
                 logged = registry.log_once(out / "model", cfg.tracking.registered_model, out / LOGGED_MODEL)

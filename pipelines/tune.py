@@ -83,6 +83,11 @@ class ReportObjective(TuneReportCallback):
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
+def image_weight(metric: dict[str, float]) -> float:
+    """The share of validation image AUROC in a search metric over image and pixel AUROC."""
+    return metric.get("val_image_auroc", 0.0) / sum(metric.values())
+
+
 def training_trial(params: dict, base: dict | None = None, metric=None, out: str = "",
                    separate_stores: bool = False) -> None:
     """One training run of the base experiment with ``params``, in ``out/trials/<trial>/``."""
@@ -91,8 +96,10 @@ def training_trial(params: dict, base: dict | None = None, metric=None, out: str
     trial = _record_launch(out)
     folder = Path(out) / "trials" / trial
     # A trial's model is not a registry candidate (best.yaml's training is).
+    # Its checkpoints are kept and exported by the search's own metric.
     overrides = [f"{k}={yaml_value(v)}" for k, v in params.items()] + [f"output_dir={folder}",
-                                                                       "tracking.registered_model=null"]
+                                                                       "tracking.registered_model=null",
+                                                                       f"train.selection_image_weight={image_weight(metric)}"]
     if separate_stores:
         overrides += tracking.own_sqlite_store(folder)
     cfg = ExperimentConfig.from_dict(apply_overrides(base, overrides))

@@ -234,9 +234,9 @@ def test_an_exported_base_model_gives_the_base_map_frozen_and_travels_with_the_m
     assert float(out["base"]) == 0.0 and not any(p.requires_grad for p in model.base.parameters())
     probe, _ = images(0, 1, seed=5)
     expected = knn.score({"image": probe})["anomaly_map"]
-    with with_drdc(model, gamma=0.0):
+    with with_drdc(model, gamma=0.0):  # saved with gamma 0: the loaded model scores with the base map too
         assert torch.equal(model.score({"image": probe})["anomaly_map"], expected)
-    model.save(tmp_path / "drdc", metadata={"categories": ["a"]})
+        model.save(tmp_path / "drdc", metadata={"categories": ["a"]})
     shutil.rmtree(tmp_path / "knn")
     loaded = load_model(tmp_path / "drdc")
     assert sorted(p.name for p in (tmp_path / "drdc").iterdir()) == ["base", "config.json", "model.safetensors"]

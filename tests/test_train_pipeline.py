@@ -384,3 +384,12 @@ def test_a_users_store_given_when_the_process_started_takes_every_run(tmp_path):
     runs = store.search_runs([store.get_experiment_by_name("lifecycle").experiment_id])
     assert sorted(run.info.run_name for run in runs) == ["first", "second", "third"]
     assert not (tmp_path / "home" / "mlflow.db").exists()
+
+
+def test_checkpoints_are_selected_by_the_weighted_validation_metric():
+    from pipelines.train import SELECTION_METRIC, with_selection
+
+    result = {"val_image_auroc": 0.9, "val_pixel_auroc": 0.6}
+    assert with_selection(result, 1.0)[SELECTION_METRIC] == pytest.approx(0.9)
+    assert with_selection(result, 0.0)[SELECTION_METRIC] == pytest.approx(0.6)
+    assert with_selection(result, 0.5)[SELECTION_METRIC] == pytest.approx(0.75)

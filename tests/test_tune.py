@@ -180,6 +180,10 @@ def test_a_training_search_runs_one_training_per_trial_and_asha_stops_the_poor_o
     stopped = [r for r in rows if r["status"] == "stopped early"]
     assert stopped and all(int(r["steps"]) == 2 for r in stopped)
     assert best["status"] == "done" and (out / "trials" / best["trial"] / "model" / "config.json").is_file()
+    # Its checkpoints were kept and exported by the search's metric (pixel AUROC), not image AUROC.
+    exported = json.loads((out / "trials" / best["trial"] / "model" / "config.json").read_text())["metadata"]
+    assert exported["selection_image_weight"] == 0.0
+    assert exported["val_selection"] == pytest.approx(exported["val_pixel_auroc"])
     again = load_config(out / "best.yaml")  # a ready-to-run experiment
     assert again.seed == int(best["seed"]) and again.output_dir == str(out / "best_run")
     assert yaml.safe_load((out / "best.yaml").read_text())["data"]["path"] == str(dataset)
