@@ -92,6 +92,37 @@ def override_sections(items: list[str], allowed: tuple[str, ...], job: str) -> d
     return tree
 
 
+def _local_path(value: str | None) -> bool:
+    """Whether a config value names a local file or folder (not a Hub id, a URI or a keyword)."""
+    if not value or value in ("hub", "imagenet") or "://" in value:
+        return False
+    return value.startswith(("/", "./", "../", "~")) or Path(value).exists()
+
+
+def absolute_path_overrides(cfg) -> list[str]:
+    """Overrides that pin every local path of an experiment config (data, outputs, weights, a base
+    model, a SQLite store) to an absolute one. A search trial runs in a working directory of Ray
+    Tune's, and a sweep cell wherever Ray puts its task: a relative path read there would miss."""
+    m = cfg.model
+    paths = {"data.path": cfg.data.path, "output_dir": cfg.output_dir, "model.pretrained": m.pretrained,
+             "model.backbone.pretrained": m.backbone.pretrained, "model.drdc.pretrained": m.drdc.pretrained,
+             "model.drdc.base_model": m.drdc.base_model}
+    out = [f"{key}={Path(value).expanduser().resolve()}" for key, value in paths.items()
+           if key in ("data.path", "output_dir") and value or _local_path(value)]
+    uri = cfg.tracking.tracking_uri
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        out.append(f"tracking.tracking_uri=sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}")
+    return out
+
+
+def pin_home() -> None:
+    """``ANOMDIFF_HOME`` as an absolute path in this process's environment, which the processes Ray
+    starts for it inherit (a relative one would be read in each trial's own working directory)."""
+    from pipelines.tracking import anomdiff_home
+
+    os.environ["ANOMDIFF_HOME"] = str(anomdiff_home())
+
+
 LAUNCHES = "launches.log"  # a line per start of a trial or cell: what a resumed job ran again, and where
 
 

@@ -136,6 +136,9 @@ def run(spec: SweepSpec, address: str | None = None) -> list[dict]:
     """Run (or finish) the sweep; returns the rows of ``scaling.csv``. One sweep at a time writes into
     ``output_dir`` (``anomdiff.lock``)."""
     spec.output_dir = str(Path(spec.output_dir).resolve())
+    # Cells run wherever Ray puts their tasks: every path they read is made absolute here.
+    runtime.pin_home()
+    spec.experiment_overrides = [*spec.experiment_overrides, *runtime.absolute_path_overrides(spec.base())]
     with hold_folder(spec.output_dir):
         return _sweep(spec, address)
 

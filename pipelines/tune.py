@@ -217,9 +217,10 @@ def _search(spec: SearchSpec, address: str | None) -> dict:
     from anomdiff.models import load_model
 
     out = Path(spec.output_dir).resolve()
+    # Trials run in working directories of Ray Tune's: every path they read is made absolute here.
+    runtime.pin_home()
+    spec.experiment_overrides = [*spec.experiment_overrides, *runtime.absolute_path_overrides(spec.config())]
     cfg = spec.config()
-    # Trials run in folders of their own: every path they read is made absolute here.
-    cfg.data.path = str(Path(cfg.data.path).resolve()) if cfg.data.path else cfg.data.path
     tracking.check_server(cfg.tracking)
     _same_search(spec, out)
     if not spec.inference_time:

@@ -88,3 +88,22 @@ def test_a_broken_experiment_file_is_one_line_naming_it(tmp_path, text, message)
     with pytest.raises(ValueError, match=f"broken.yaml: {message}"):
         load_config(path)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_every_local_path_a_trial_reads_is_pinned_absolute(tmp_path, monkeypatch):
+    from pipelines.runtime import absolute_path_overrides
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    cfg = load_config(CONF_DIR / "experiment" / "demo.yaml", [
+        "data.path=data", "output_dir=runs/a", "model.backbone.name=efficientnet_lite0",
+        "model.backbone.pretrained=./weights.safetensors", "tracking.tracking_uri=sqlite:///store/mlflow.db"])
+    pinned = dict(item.split("=", 1) for item in absolute_path_overrides(cfg))
+    assert pinned == {"data.path": str(tmp_path / "data"), "output_dir": str(tmp_path / "runs" / "a"),
+                      "model.backbone.pretrained": str(tmp_path / "weights.safetensors"),
+                      "tracking.tracking_uri": f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"}
+    # keywords, Hub ids and absolute store URIs are left as they are
+    cfg = load_config(CONF_DIR / "experiment" / "demo.yaml", ["data.path=/d", "output_dir=/o",
+                                                              "model.pretrained=org/model",
+                                                              "tracking.tracking_uri=sqlite:////abs/m.db"])
+    assert absolute_path_overrides(cfg) == ["data.path=/d", "output_dir=/o"]
