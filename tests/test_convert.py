@@ -140,3 +140,21 @@ def test_output_inside_the_source_is_refused(tmp_path):
     src = mvtec_tree(tmp_path / "mvtec", categories=("bottle",))
     with pytest.raises(OutputExistsError, match="inside the source folder"):
         convert(src, src / "converted", "mvtec")
+
+
+def test_category_names_as_users_write_them_convert_and_read_back_as_written(tmp_path):
+    import duckdb
+    import pandas as pd
+
+    names = ("pièce 1", "零件", "Ölwanne-2")
+    src = mvtec_tree(tmp_path / "src", categories=names)
+    convert(src, tmp_path / "out", "mvtec", image_size=16, workers=1)
+    folders = sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir())
+    assert "category=pi%C3%A8ce%201" in folders  # hive URI segment encoding
+    assert sorted(read_manifest(tmp_path / "out")["counts"]) == sorted(names)
+    assert set(pd.read_parquet(tmp_path / "out")["category"]) == set(names)
+    found = duckdb.sql(f"select distinct category from read_parquet('{tmp_path / 'out'}/**/*.parquet', "
+                       "hive_partitioning=true)").fetchall()
+    assert {row[0] for row in found} == set(names)
+    shard = next((tmp_path / "out").rglob("*.parquet"))
+    assert set(read_shard(shard, columns=["category"]).column("category").to_pylist()) <= set(names)

@@ -393,3 +393,26 @@ def test_checkpoints_are_selected_by_the_weighted_validation_metric():
     assert with_selection(result, 1.0)[SELECTION_METRIC] == pytest.approx(0.9)
     assert with_selection(result, 0.0)[SELECTION_METRIC] == pytest.approx(0.6)
     assert with_selection(result, 0.5)[SELECTION_METRIC] == pytest.approx(0.75)
+
+
+@pytest.mark.slow
+def test_category_names_with_spaces_accents_and_other_scripts_train_evaluate_and_predict(local_ray, tmp_path):
+    from PIL import Image
+
+    from anomdiff.data.convert import convert
+    from pipelines import evaluate, predict, train
+    from layouts import mvtec_tree
+
+    names = ("pièce 1", "零件")
+    convert(mvtec_tree(tmp_path / "src", categories=names, train=6), tmp_path / "data", "mvtec", image_size=32,
+            workers=1)
+    cfg = tiny_config(tmp_path / "data", tmp_path / "run", "model.method=knn", "data.validation_fraction=0.4")
+    metadata = train.run(cfg)
+    assert sorted(metadata["categories"]) == sorted(names)
+    doc = evaluate.evaluate(str(tmp_path / "run" / "model"), str(tmp_path / "data"), str(tmp_path / "report"))
+    assert set(doc["per_category"]) == set(names)
+    with open(tmp_path / "report" / "images.csv", encoding="utf-8") as f:
+        assert {row["category"] for row in csv.DictReader(f)} == set(names)
+    Image.new("RGB", (32, 32), (120, 80, 40)).save(tmp_path / "part.png")
+    rows = predict.predict(str(tmp_path / "run" / "model"), [str(tmp_path / "part.png")], tmp_path / "predictions")
+    assert rows[0]["error"] == "" and rows[0]["decision"] in ("true", "false")

@@ -54,8 +54,10 @@ def test_bad_rows_are_named(tmp_path):
     writer.add(record(0))
     with pytest.raises(ValueError, match="duplicate sample_id 'cat/train/0'"):
         writer.add(record(0))
-    with pytest.raises(ValueError, match="not a valid folder name"):
-        writer.add(record(1, category="a/b"))
+    for name, why in (("a/b", "holds a path separator"), ("..", "cannot name a folder"), ("", "is empty"),
+                      ("tab\there", "control character")):
+        with pytest.raises(ValueError, match=why):
+            writer.add(record(1, category=name))
     with pytest.raises(ValueError, match="train split holds normal images only"):
         record(2, label=1)
     writer.abort()

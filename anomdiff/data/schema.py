@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -75,9 +76,25 @@ class Record:
         return len(self.image) + (len(self.mask) if self.mask is not None else 0) + 64
 
 
+def category_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a category, or ``None``: any printable name (spaces, accents, any script)
+    is one; an empty name, ``.``/``..``, a path separator or a control character is not."""
+    if not name or not name.strip():
+        return "is empty"
+    if name in (".", ".."):
+        return "is . or .., which cannot name a folder"
+    if "/" in name or "\\" in name:
+        return "holds a path separator"
+    if not name.isprintable():
+        return "holds a control character"
+    return None
+
+
 def partition_dir(category: str, split: str) -> str:
-    """The hive partition folder of one category and split, relative to the dataset root."""
-    return f"category={category}/split={split}"
+    """The hive partition folder of one category and split, relative to the dataset root. The name is
+    URI-encoded (``pièce 1`` -> ``category=pi%C3%A8ce%201``), the hive convention that pyarrow, pandas,
+    DuckDB and Ray Data decode when they read the folder."""
+    return f"category={quote(category, safe='')}/split={split}"
 
 
 def records_to_table(records: list[Record]) -> pa.Table:
@@ -92,7 +109,8 @@ def read_shard(path: str | Path, columns: list[str] | tuple[str, ...] | None = N
     """One shard as ``SCHEMA`` rows (or ``columns`` of them): the partition columns, as strings, from its
     folder names (``.../category=C/split=S/part-k.parquet``) when the file does not hold them."""
     path = Path(path)
-    partition = dict(folder.name.split("=", 1) for folder in (path.parent.parent, path.parent) if "=" in folder.name)
+    partition = {key: unquote(value) for key, value in (folder.name.split("=", 1) for folder in
+                                                          (path.parent.parent, path.parent) if "=" in folder.name)}
     missing = [c for c in PARTITION_COLUMNS if c not in partition]
     if missing:
         raise ValueError(f"{path}: not inside a category=<name>/split=<split> folder")

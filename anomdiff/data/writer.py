@@ -11,7 +11,6 @@ the ``sources`` being read, and only after the new dataset is complete.
 from __future__ import annotations
 
 import hashlib
-import re
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -24,12 +23,11 @@ from anomdiff.data.schema import (
     SCHEMA_VERSION,
     SPLITS,
     Record,
+    category_problem,
     manifest_path,
     partition_dir,
     records_to_table,
 )
-
-_CATEGORY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -85,8 +83,9 @@ class DatasetWriter:
         self.manifest: dict | None = None
 
     def add(self, record: Record) -> None:
-        if not _CATEGORY_NAME.match(record.category):
-            raise ValueError(f"{record.source}: category name {record.category!r} is not a valid folder name")
+        problem = category_problem(record.category)
+        if problem:
+            raise ValueError(f"{record.source}: category name {record.category!r} {problem}")
         if record.sample_id in self._ids:
             raise ValueError(f"{record.source}: duplicate sample_id {record.sample_id!r}")
         self._ids.add(record.sample_id)
