@@ -397,11 +397,11 @@ def test_checkpoints_are_selected_by_the_weighted_validation_metric():
 
 @pytest.mark.slow
 def test_category_names_with_spaces_accents_and_other_scripts_train_evaluate_and_predict(local_ray, tmp_path):
+    from layouts import mvtec_tree
     from PIL import Image
 
     from anomdiff.data.convert import convert
     from pipelines import evaluate, predict, train
-    from layouts import mvtec_tree
 
     names = ("pièce 1", "零件")
     convert(mvtec_tree(tmp_path / "src", categories=names, train=6), tmp_path / "data", "mvtec", image_size=32,
