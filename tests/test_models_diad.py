@@ -96,7 +96,6 @@ def test_score_returns_image_resolution_maps_and_is_deterministic():
     assert first["image_score"].shape == (3,)
     assert first["reconstruction"].shape == batch["image"].shape
     assert torch.equal(first["anomaly_map"], second["anomaly_map"])
-    assert (first["anomaly_map"] >= 0).all()
 
 
 def test_pixel_weight_adds_the_smoothed_pixel_distance_to_the_feature_map():
@@ -152,7 +151,7 @@ def test_start_timestep_and_steps_select_the_ddim_schedule():
             assert (steps.diff() < 0).all()
 
 
-def test_training_timesteps_stop_at_train_max_timestep(monkeypatch):
+def test_training_timesteps_span_zero_to_train_max_timestep(monkeypatch):
     model = tiny({"diffusion": {"start_timestep": 400, "train_max_timestep": 400}})
     drawn = []
     add_noise = model.scheduler.add_noise
@@ -160,8 +159,8 @@ def test_training_timesteps_stop_at_train_max_timestep(monkeypatch):
     batch = synthetic_batch(n=16)
     for _ in range(20):
         model.training_loss(batch)
-    timesteps = torch.cat(drawn)  # 320 uniform draws from 0..400
-    assert 350 < timesteps.max() <= 400 and timesteps.min() >= 0 and len(timesteps.unique()) > 150
+    timesteps = torch.cat(drawn)  # 320 uniform draws from 0..400: both ends are reached
+    assert 350 < timesteps.max() <= 400 and timesteps.min() < 50 and len(timesteps.unique()) > 150
 
 
 def test_diads_default_trains_sg_decoder_and_tokens_with_the_unet_encoder_frozen():

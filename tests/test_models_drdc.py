@@ -97,7 +97,7 @@ def test_a_masked_pixel_never_reaches_its_own_inpainting(trained):
 
 
 def test_gamma_zero_gives_the_base_map_and_one_the_refinement_alone(trained):
-    x, _ = images(0, 2, seed=2)
+    x, _ = images(0, 1, seed=2)
     base = trained.base.score({"image": x})["anomaly_map"]
     refinement = trained.refinement_map({"image": x})
     assert not torch.allclose(refinement, base, atol=1e-2)  # the two ends differ, so each check below can fail
@@ -130,15 +130,15 @@ def test_the_refinement_uses_n_t_timesteps_from_t_nt():
 
 
 def test_more_timesteps_change_the_fused_map_but_average_rather_than_add_up(trained):
-    """n_t = 1 and 3: the fused map changes, while the refinement keeps its scale against the base map
+    """n_t = 1 and 2: the fused map changes, while the refinement keeps its scale against the base map
     (the timesteps' maps are averaged, not summed)."""
     x, _ = images(0, 1, seed=2)
     with with_drdc(trained, timesteps=1):
         one = trained.maps({"image": x})
-    with with_drdc(trained, timesteps=3):
-        three = trained.maps({"image": x})
-    assert (three["fused"] - one["fused"]).abs().max() > 1e-3
-    assert 0.67 < float(three["refinement"].mean() / one["refinement"].mean()) < 1.5
+    with with_drdc(trained, timesteps=2):
+        two = trained.maps({"image": x})
+    assert (two["fused"] - one["fused"]).abs().max() > 1e-3
+    assert 0.67 < float(two["refinement"].mean() / one["refinement"].mean()) < 1.5
 
 
 def test_training_reaches_the_base_the_inpainter_and_the_category_head():
