@@ -177,3 +177,25 @@ def test_the_docker_context_leaves_the_environment_and_history_out_and_holds_wha
     requirements = [line for line in (CLUSTER / "requirements.txt").read_text().splitlines()
                     if line and not line.startswith("#")]
     assert requirements and all(re.fullmatch(r"[\w.\[\],-]+==[\w.]+", line) for line in requirements)
+
+
+def test_the_images_cuda_torch_and_pins_agree():
+    """The base image's CUDA is the CUDA of the torch wheels the image installs (DeepSpeed's op build
+    refuses a mismatch), and every pin is the version this test environment runs."""
+    from importlib.metadata import version
+
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    base_cuda = re.search(r"^FROM rayproject/ray:[\d.]+-py\d+-cu(\d+)$", dockerfile, re.M).group(1)
+    index_cuda = re.search(r"TORCH_INDEX=https://download.pytorch.org/whl/cu(\d+)", dockerfile).group(1)
+    local_versions = set(re.findall(r"\)\+cu(\d+)\"", dockerfile))
+    assert base_cuda == index_cuda and local_versions == {base_cuda}
+    pins = dict(line.split("==") for line in (CLUSTER / "requirements.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    for name, pinned in pins.items():
+        assert version(name.split("[")[0]).split("+")[0] == pinned, name
+    # The image installs the package with --no-deps: every dependency must be pinned here.
+    import tomllib
+
+    needed = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned_names = {name.split("[")[0].lower() for name in pins}
+    assert {re.split(r"[\[<>=!]", d)[0].strip().lower() for d in needed} <= pinned_names
