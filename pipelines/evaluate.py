@@ -9,7 +9,7 @@ the default streaming path each actor folds its batches' maps into streaming met
 driver only those partial metrics and the worst cases it newly keeps, so the driver's work and
 memory do not grow with the pixels; ``evaluate.streaming=false`` (exact metrics) ships every map.
 Overrides: ``evaluate.*`` keys, inference keys of the model (``model.diffusion.ddim_steps=...``),
-``scorers`` and ``use_gpu``.
+``scorers`` and ``use_gpu`` (default: the scorers use GPUs when the cluster has them).
 
 The report folder gets ``metrics.json`` (with ``at_threshold``: precision, recall and F1 of the
 decisions at the exported threshold), ``metrics.md``, figures and ``images.csv`` (a row per test
@@ -184,7 +184,8 @@ def _evaluate(model: str, data_path: str, out: Path, overrides: list[str], addre
     sections = runtime.override_sections(rest, SECTIONS, "evaluate")
     eval_cfg = EvaluateConfig.from_dict(sections.get("evaluate", {}), _path="evaluate")
     tracking_cfg = TrackingConfig.from_dict(sections.get("tracking", {}), _path="tracking")
-    model_overrides, scorers, use_gpu = sections.get("model", {}), int(own.get("scorers", 1)), bool(own.get("use_gpu"))
+    model_overrides, scorers = sections.get("model", {}), int(own.get("scorers", 1))
+    use_gpu = own.get("use_gpu", "auto")  # auto: the scorers take a GPU each when the cluster has GPUs
     if "conditioning" in model_overrides or "method" in model_overrides:
         raise ValueError("model.conditioning and model.method are fixed when a model is trained; "
                          "evaluate takes inference keys of model.* only")
@@ -209,6 +210,7 @@ def _evaluate(model: str, data_path: str, out: Path, overrides: list[str], addre
     fold = {"score_range": score_range, "num_bins": eval_cfg.num_bins, "worst_cases": eval_cfg.worst_cases,
             "categories": categories} if score_range else None
     runtime.start_ray(address)
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1 if use_gpu == "auto" else bool(use_gpu)
     scored = test_dataset(spec, categories=categories, subset=evaluated).map_batches(
         Scorer, fn_constructor_kwargs={"model_dir": str(model_dir), "model_overrides": model_overrides,
                                        "use_gpu": use_gpu, "fold": fold},
@@ -311,7 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", dest="json_out", help="also write the metrics document here")
     parser.add_argument("--out", help="report folder (default: next to the model, evaluation/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides: evaluate.*, tracking.*, inference keys "
-                                                     "of model.*, scorers=N, use_gpu=true")
+                                                     "of model.*, scorers=N, use_gpu=true|false (default: "
+                                                     "a GPU per scorer when the cluster has GPUs)")
     runtime.add_address_argument(parser)
     args = parser.parse_intermixed_args(argv)
     doc = evaluate(args.model, args.data, args.out, args.overrides, args.address)

@@ -39,18 +39,23 @@ def overlay_name(index: int, path: Path) -> str:
 
 
 def predict(model: str, images: list[str], out: Path, category: str | None = None, batch_size: int = 16,
-            overlays: bool = True, tracking_uri: str | None = None, progress: bool = True) -> list[dict]:
-    """Score every image found under ``images``; writes ``out/predictions.csv`` and the overlays and
-    returns the rows. One prediction at a time writes into ``out`` (``anomdiff.lock``)."""
+            overlays: bool = True, tracking_uri: str | None = None, progress: bool = True,
+            device: str = "auto") -> list[dict]:
+    """Score every image found under ``images`` on ``device`` (``auto``: a GPU when there is one);
+    writes ``out/predictions.csv`` and the overlays and returns the rows. One prediction at a time
+    writes into ``out`` (``anomdiff.lock``)."""
     paths = find_images(images)  # no images: refused before the folder is made
     with hold_folder(out):
-        return _predict(model, paths, Path(out), category, batch_size, overlays, tracking_uri, progress)
+        return _predict(model, paths, Path(out), category, batch_size, overlays, tracking_uri, progress, device)
 
 
 def _predict(model: str, paths: list[Path], out: Path, category: str | None, batch_size: int, overlays: bool,
-             tracking_uri: str | None, progress: bool) -> list[dict]:
+             tracking_uri: str | None, progress: bool, device: str) -> list[dict]:
+    import torch
+
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     with registry.local_folder(model, tracking_uri) as folder:  # a download is gone once loaded
-        scorer = ImageScorer(folder)
+        scorer = ImageScorer(folder, device=device)
     scorer.check_category(category)  # a category the model does not know stops here, before any image
     out.mkdir(parents=True, exist_ok=True)
     if overlays:
@@ -100,11 +105,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--category", help="the images' category (needed only by category-aware models)")
     parser.add_argument("--batch-size", type=bounded(int, 1, 4096), default=16)
     parser.add_argument("--no-overlays", action="store_true", help="write the CSV only")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the model scores (auto: a GPU when there is one)")
     parser.add_argument("--tracking-uri", help="the MLflow store for models:/ and runs:/ (default: "
                                                "MLFLOW_TRACKING_URI, else SQLite under ANOMDIFF_HOME)")
     args = parser.parse_intermixed_args(argv)
     predict(args.model, args.images, args.out, args.category, args.batch_size, not args.no_overlays,
-            args.tracking_uri)
+            args.tracking_uri, device=args.device)
 
 
 if __name__ == "__main__":

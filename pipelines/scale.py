@@ -89,7 +89,7 @@ def run_cell(spec: SweepSpec, cell: Cell, separate_store: bool) -> dict:
         write_json_atomic(timing, {"train_s": train_s})
     tick = time.perf_counter()
     doc = evaluate.evaluate(str(folder / "run" / "model"), cfg.data.path, str(folder / "evaluation"),
-                            [f"evaluate.batch_size={cfg.evaluate.batch_size}",
+                            [f"evaluate.batch_size={cfg.evaluate.batch_size}", f"use_gpu={cfg.train.use_gpu}",
                              f"tracking.experiment={cfg.tracking.experiment}", *store])
     eval_s = time.perf_counter() - tick
     model = load_model(folder / "run" / "model")
