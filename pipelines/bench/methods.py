@@ -21,6 +21,9 @@ PROAD_ABLATION = {  # row -> the overrides that make it (Pro-AD's ideas 3, 2 and
     "proad_few_prototypes": ("model.method=proad", "model.proad.num_prototypes=6"),  # INP-Former's count
 }
 DATASETS = ("synthetic", "photos")
+# Per-method settings chosen by measurement (docs/quality.md): PatchCore's patch grid at 64 px is
+# 16 x 16 and too coarse for real photographs; the images are upsampled to 128 px for it.
+METHOD_OVERRIDES = {"knn": ("model.image_size=128",)}
 SCORED_IMAGES = 32
 
 
@@ -101,7 +104,8 @@ def methods_section(work: Path, methods: tuple[str, ...] = METHODS, datasets: tu
     for name in datasets:
         data = make_dataset(name, work / "data", num_categories)
         rows: dict = {}
-        runs = {method: (f"model.method={method}",) for method in methods} | (variants or {})
+        runs = {method: (f"model.method={method}", *METHOD_OVERRIDES.get(method, ())) for method in methods} \
+            | (variants or {})
         for method, overrides in runs.items():
             run_dir = work / name / method
             cfg = load_config(CONF_DIR / "experiment" / "demo.yaml",
