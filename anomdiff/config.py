@@ -131,10 +131,10 @@ class EvaluateConfig(Section):
 
 @dataclass
 class PromotionGate(Section):
-    """What ``anomdiff promote`` asks of a candidate model version before it takes the alias: its
-    validation image and pixel AUROC at least ``min_image_auroc`` / ``min_pixel_auroc`` and not below
-    the current champion's minus ``tolerance``; the same of its test metrics when both versions have
-    been evaluated."""
+    """What ``anomdiff promote`` asks of a candidate model version: its validation image and pixel
+    AUROC (and test metrics, once evaluated) at least ``min_image_auroc`` / ``min_pixel_auroc`` and
+    not below the best champion on record minus ``tolerance``. A registered model's owner records its
+    own (``anomdiff promote NAME --set-policy``); these are the defaults without one."""
 
     tolerance: float = 0.01
     min_image_auroc: float = 0.5
@@ -144,19 +144,18 @@ class PromotionGate(Section):
         for key in ("tolerance", "min_image_auroc", "min_pixel_auroc"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"tracking.gate.{key} must be a number in [0, 1], got {value!r}")
+                raise ValueError(f"promotion policy {key} must be a number in [0, 1], got {value!r}")
 
 
 @dataclass
 class TrackingConfig(Section):
-    """MLflow: experiment name, tracking URI (default: SQLite under ANOMDIFF_HOME), the registered
-    model name that each training registers a new version of (none: the model is logged only), and
-    the promotion gate."""
+    """MLflow: experiment name, tracking URI (default: SQLite under ANOMDIFF_HOME), and the registered
+    model name that each training registers a new version of (none: the model is logged only). The
+    promotion gate is the registered model's, not a training run's (``anomdiff promote --set-policy``)."""
 
     experiment: str = "anomdiff"
     tracking_uri: str | None = None
     registered_model: str | None = None
-    gate: PromotionGate = field(default_factory=PromotionGate)
 
 
 @dataclass

@@ -80,6 +80,7 @@ def register(model_uri: str, registered_model: str, info: dict) -> str:
         if meta.get(key) is not None:
             client.set_model_version_tag(registered_model, version, tag, f"{float(meta[key]):.6f}")
     client.set_model_version_tag(registered_model, version, "method", info["method"])
+    client.set_model_version_tag(registered_model, version, "categories", json.dumps(meta["categories"]))
     return version
 
 
@@ -244,12 +245,6 @@ def version_metrics(client: MlflowClient, name: str, version: str) -> dict[str, 
     """The gate's numbers recorded on a version (validation always, test once evaluated)."""
     tags = client.get_model_version(name, version).tags
     return {tag: float(tags[tag]) for tag in (*VALIDATION_TAGS, *TEST_TAGS) if tag in tags}
-
-
-def training_config(client: MlflowClient, name: str, version: str) -> dict:
-    """The dotted params of the training run that produced a version (the run's resolved config)."""
-    run_id = client.get_model_version(name, version).run_id
-    return dict(client.get_run(run_id).data.params) if run_id else {}
 
 
 def decision_record(decision: dict) -> str:
