@@ -25,14 +25,18 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+import anomdiff
 import anomdiff.pyfunc_model
 from anomdiff.atomic import write_json_atomic
 from anomdiff.models.saved import CONFIG_FILE, read_saved_config
 
 MODEL_NAME = "model"  # the logged model's name in its run, and its artifact key
 # The third-party packages the pyfunc imports, pinned to the versions that logged it.
-REQUIREMENTS = ("torch", "torchvision", "diffusers", "timm", "pot", "safetensors", "numpy", "scipy", "scikit-learn",
-                "pillow", "pyyaml", "matplotlib", "pandas", "pyarrow", "mlflow")
+REQUIREMENTS = ("torch", "torchvision", "diffusers", "accelerate", "timm", "pot", "safetensors", "numpy", "scipy",
+                "scikit-learn", "pillow", "pyyaml", "matplotlib", "pandas", "pyarrow", "mlflow")
+# The library travels with the model (MLflow's code_paths puts it on the import path at load), so a
+# logged model loads and serves where this repository is not installed.
+CODE_PATHS = [str(Path(anomdiff.__file__).parent)]
 VALIDATION_TAGS = {"val_image_auroc": "val_image_auroc", "val_pixel_auroc": "val_pixel_auroc"}
 TEST_TAGS = {"test_image_auroc": "image_auroc", "test_pixel_auroc": "pixel_auroc", "test_aupro": "aupro"}
 
@@ -62,7 +66,7 @@ def log_exported_model(model_dir: Path, registered_model: str | None) -> tuple[s
     logged = mlflow.pyfunc.log_model(
         name=MODEL_NAME, python_model=anomdiff.pyfunc_model.__file__, artifacts={MODEL_NAME: str(model_dir)},
         signature=SIGNATURE, input_example=input_example(info["config"]["image_size"]),
-        pip_requirements=pip_requirements(),
+        pip_requirements=pip_requirements(), code_paths=CODE_PATHS,
         metadata={"method": info["method"], "categories": meta["categories"], "threshold": meta["threshold"],
                   "conditioning": info["config"]["conditioning"],
                   **{k: meta[k] for k in VALIDATION_TAGS if meta.get(k) is not None}})

@@ -271,3 +271,42 @@ def test_the_served_champion_answers_as_predict_does(store, tmp_path):
     assert [a["decision"] for a in answers] == [expected[str(p)] >= 1.0 for p in paths]
     gray = Image.open(io.BytesIO(paths[1].read_bytes()))
     assert np.asarray(answers[1]["anomaly_map"]).shape == (gray.height, gray.width)
+
+
+def test_a_logged_model_loads_and_scores_where_this_repository_is_not_importable(store, tmp_path):
+    """The model's code travels with it (code_paths): a fresh process whose working directory and
+    import path exclude the checkout and its editable install loads it and scores an image."""
+    version = register(store, tmp_path, "m", 0.9, 0.8)
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/m/{version}", dst_path=str(tmp_path / "dl")))
+    requirements = (local / "requirements.txt").read_text()
+    assert "accelerate==" in requirements and "diffusers==" in requirements
+    checkout = str(Path(__file__).resolve().parents[1])
+    script = f"""
+import sys
+sys.path = [p for p in sys.path if p not in ("", ".", {checkout!r})
+            and not (p.startswith({checkout!r} + "/") and "site-packages" not in p)]
+sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__name__", type(f).__name__).lower()
+                 and "editable" not in type(f).__module__.lower()]
+for name in [m for m in sys.modules if m == "anomdiff" or m.startswith("anomdiff.")]:
+    del sys.modules[name]
+try:
+    import anomdiff  # noqa: F401
+    raise SystemExit("anomdiff is importable without the model's code")
+except ImportError:
+    pass
+import mlflow.pyfunc, pandas as pd, numpy as np, io, base64
+from PIL import Image
+model = mlflow.pyfunc.load_model({str(local)!r})
+import anomdiff
+assert anomdiff.__file__.startswith({str(local)!r}), anomdiff.__file__
+buffer = io.BytesIO(); Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(buffer, format="PNG")
+answer = model.predict(pd.DataFrame({{"image": [base64.b64encode(buffer.getvalue()).decode()]}}))
+print("score", float(answer["score"][0]))
+"""
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=outside, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().startswith("score ")
