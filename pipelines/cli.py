@@ -27,6 +27,7 @@ JOBS = {  # command -> (module, what it does)
     "tune": ("pipelines.tune", "search hyperparameters on Ray Tune (training-time or inference-time)"),
     "scale": ("pipelines.scale", "measure accuracy and cost as one model carries more categories"),
     "export": ("pipelines.export", "export a model's scoring to ONNX (knn, proad) for deployment without PyTorch"),
+    "register": ("pipelines.register", "register an exported model folder as a new version of a registered model"),
     "promote": ("pipelines.promote", "move a registered model's alias to a version that passes the gate"),
     "bench": ("pipelines.bench.job", "benchmark this machine or cluster (figures as side-by-side ratios)"),
 }

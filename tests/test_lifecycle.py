@@ -310,3 +310,19 @@ print("score", float(answer["score"][0]))
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().startswith("score ")
+
+
+def test_a_folder_registers_in_one_command_and_can_then_be_promoted(store, tmp_path, capsys):
+    folder = tmp_path / "search" / "best_model"
+    noise_bank_knn(32, len(CATEGORIES)).save(folder, metadata={"categories": CATEGORIES, "threshold": 1.0,
+                                                               "score_range": [0.0, 4.0], "val_image_auroc": 0.9,
+                                                               "val_pixel_auroc": 0.9})
+    cli.main(["register", str(folder), "m"])
+    assert "registered" in capsys.readouterr().out
+    client = MlflowClient()
+    [registered] = client.search_model_versions("name = 'm'")
+    assert float(registered.tags["val_image_auroc"]) == 0.9
+    assert json.loads(registered.tags["categories"]) == CATEGORIES
+    with pytest.raises(SystemExit):  # not an exported model: one line
+        cli.main(["register", str(tmp_path), "m"])
+    assert "config.json" in capsys.readouterr().err
