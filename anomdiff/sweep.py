@@ -29,6 +29,8 @@ Everything is checked before anything runs; each error is one line naming the ke
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,6 +90,20 @@ class SweepSpec:
 
     def name_of(self, cell: Cell) -> str:
         return f"scale {Path(self.output_dir).name} {cell.name}"
+
+    def fingerprint(self, cell: Cell) -> str:
+        """8 hex digits of everything that decides a cell's result: its whole resolved experiment
+        (method, K, steps by the budget rule, every override, the data, the seed), less where it
+        writes and logs."""
+        doc = self.config(cell).to_dict()
+        for key in ("output_dir", "name", "tracking"):
+            doc.pop(key, None)
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:8]
+
+    def folder_of(self, cell: Cell) -> str:
+        """The cell's folder under ``output_dir/cells/``: its name and fingerprint, so a cell of other
+        settings never takes a finished one's result."""
+        return f"{cell.name}-{self.fingerprint(cell)}"
 
     def config(self, cell: Cell, extra: list[str] = ()) -> ExperimentConfig:
         """The cell's whole experiment (``extra``: its output folder, its tracking store)."""

@@ -12,7 +12,9 @@ method) is a Ray task that trains on the first K categories of one seeded order 
 ``pipelines.train.run`` (Ray Train inside the task) and evaluates the exported model on those K
 categories' test split with ``pipelines.evaluate.evaluate``; as many cells run at once as the
 cluster's CPUs (and GPUs) hold their workers plus a CPU for Ray Data's Parquet reads. A finished
-cell writes ``output_dir/cells/K<k>-<method>/result.json``; the same command after an interruption
+cell writes ``output_dir/cells/K<k>-<method>-<fingerprint>/result.json`` (the fingerprint: 8 hex digits of
+its resolved experiment, so other settings never reuse a result; ``sweep.json`` refuses a sweep of
+another base in the same folder); the same command after an interruption
 or a failure runs only the cells without one (a cell's training resumes from its own folder; a
 finished training is reused with the time it recorded).
 
@@ -35,11 +37,12 @@ from pathlib import Path
 import mlflow
 import ray
 
-from anomdiff.atomic import write_csv_atomic, write_json_atomic
+from anomdiff.atomic import write_csv_atomic, write_json_atomic, write_text_atomic
 from anomdiff.lock import hold_folder
 from anomdiff.sweep import Cell, SweepSpec, load_sweep, spread
 from pipelines import runtime, tracking
 
+SWEEP_FILE = "sweep.json"
 RESULT = "result.json"
 TRAIN_TIME = "train_time.json"  # the training's wall time, kept when only a cell's evaluation is redone
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap")
@@ -71,7 +74,7 @@ def run_cell(spec: SweepSpec, cell: Cell, separate_store: bool) -> dict:
     from anomdiff.models import load_model
     from pipelines import evaluate, train
 
-    folder = Path(spec.output_dir) / "cells" / cell.name
+    folder = Path(spec.output_dir) / "cells" / spec.folder_of(cell)
     folder.mkdir(parents=True, exist_ok=True)
     runtime.record_launch(spec.output_dir, cell.name)
     store = tracking.own_sqlite_store(folder) if separate_store else []
@@ -128,7 +131,7 @@ def concurrency(cfg) -> int:
 
 
 def read_result(spec: SweepSpec, cell: Cell) -> dict | None:
-    path = Path(spec.output_dir) / "cells" / cell.name / RESULT
+    path = Path(spec.output_dir) / "cells" / spec.folder_of(cell) / RESULT
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -143,8 +146,24 @@ def run(spec: SweepSpec, address: str | None = None) -> list[dict]:
         return _sweep(spec, address)
 
 
+def _same_sweep(spec: SweepSpec, out: Path) -> None:
+    """Record the sweep's base (experiment, overrides, budget) in ``out`` the first time; refuse to
+    resume a sweep of another base there. Other K or methods add cells; a cell whose settings changed
+    gets a new folder (its fingerprint) instead of a finished cell's result."""
+    what = json.dumps({"experiment": spec.experiment, "overrides": spec.experiment_overrides,
+                       "budget": spec.budget}, indent=1, sort_keys=True)
+    recorded = out / SWEEP_FILE
+    if recorded.is_file() and recorded.read_text() != what:
+        raise FileExistsError(f"{out} holds another sweep (its {SWEEP_FILE} differs: experiment, overrides or "
+                              "budget); choose a new output_dir or delete the old sweep")
+    if not recorded.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(recorded, what)
+
+
 def _sweep(spec: SweepSpec, address: str | None) -> list[dict]:
     out = Path(spec.output_dir)
+    _same_sweep(spec, out)
     base = spec.base()
     tracking.check_server(base.tracking)
     runtime.start_ray(address)

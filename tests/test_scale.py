@@ -61,6 +61,12 @@ def test_the_budget_rule_sets_each_cells_steps_and_the_categories_nest(dataset, 
     assert capped.categories == [4]
 
 
+def _cell(out: Path, name: str) -> Path:
+    """A cell's folder: its name and the fingerprint of its settings."""
+    [folder] = (out / "cells").glob(f"{name}-*")
+    return folder
+
+
 def _launches(out: Path) -> list[str]:
     path = out / "launches.log"
     return [line.split()[0] for line in path.read_text().splitlines()] if path.is_file() else []
@@ -90,23 +96,27 @@ def test_a_two_by_two_sweep_writes_its_results_and_redoes_only_a_missing_cell(da
         assert {int(r["steps"]) for r in rows if r["method"] == "diad"} == {2, 4}  # per-category budget
         diad = [r for r in rows if r["method"] == "diad"]
         assert all(float(r["train_images_per_s"]) > 0 and int(r["parameters"]) > 0 for r in diad)
-        k4 = json.loads((out / "cells" / "K4-knn" / "result.json").read_text())
+        k4 = json.loads((_cell(out, "K4-knn") / "result.json").read_text())
         assert len(k4["per_category"]) == 4 and set(k4["categories"]) == set(k4["per_category"])
-        k2 = json.loads((out / "cells" / "K2-knn" / "result.json").read_text())
+        k2 = json.loads((_cell(out, "K2-knn") / "result.json").read_text())
         assert set(k2["categories"]) < set(k4["categories"])  # nested, evaluated on its own 2 only
         assert set(k2["per_category"]) == set(k2["categories"])
         for name in ("auroc_vs_categories", "per_category_auroc", "cost_vs_categories", "auroc_drop"):
             assert (out / "figures" / f"{name}.png").stat().st_size > 0
         assert sorted(_launches(out)) == ["K2-diad", "K2-knn", "K4-diad", "K4-knn"]
 
-        trained_s = json.loads((out / "cells" / "K2-diad" / "result.json").read_text())["train_s"]
-        (out / "cells" / "K2-diad" / "result.json").unlink()
-        kept = {c: (out / "cells" / c / "result.json").stat().st_mtime_ns for c in ("K2-knn", "K4-diad", "K4-knn")}
+        trained_s = json.loads((_cell(out, "K2-diad") / "result.json").read_text())["train_s"]
+        (_cell(out, "K2-diad") / "result.json").unlink()
+        kept = {c: (_cell(out, c) / "result.json").stat().st_mtime_ns for c in ("K2-knn", "K4-diad", "K4-knn")}
         cli.main(args)
         assert sorted(_launches(out)) == ["K2-diad", "K2-diad", "K2-knn", "K4-diad", "K4-knn"]
-        assert kept == {c: (out / "cells" / c / "result.json").stat().st_mtime_ns for c in kept}
-        redone = json.loads((out / "cells" / "K2-diad" / "result.json").read_text())
+        assert kept == {c: (_cell(out, c) / "result.json").stat().st_mtime_ns for c in kept}
+        redone = json.loads((_cell(out, "K2-diad") / "result.json").read_text())
         assert redone["train_s"] == trained_s  # its finished training reused, its time kept
+        # The same folder with another budget is another sweep: refused, nothing mixed into the table.
+        with pytest.raises(SystemExit) as refused:
+            cli.main([*args, "budget=total"])
+        assert refused.value.code == 2 and len(list((out / "cells").iterdir())) == 4
     finally:
         ray.shutdown()
 
@@ -117,3 +127,13 @@ def test_a_two_by_two_sweep_writes_its_results_and_redoes_only_a_missing_cell(da
     assert sorted(c.data.tags["anomdiff.cell"] for c in children) == ["K2-diad", "K2-knn", "K4-diad", "K4-knn"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "scaling")}
     assert "scaling/scaling.csv" in artifacts and "scaling/auroc_vs_categories.png" in artifacts
+
+
+def test_a_cells_folder_changes_with_any_setting_that_decides_its_result(dataset):
+    spec = load_sweep(SWEEP, [f"data.path={dataset}", "categories=[2,4]", "methods=[knn,diad]"])
+    cell = spec.cells()[-1]  # K=4: its steps depend on the budget rule (K=2, the smallest, trains the base steps)
+    same = load_sweep(SWEEP, [f"data.path={dataset}", "categories=[2,4]", "methods=[knn,diad]"])
+    assert spec.folder_of(cell) == same.folder_of(cell) and spec.folder_of(cell).startswith(f"{cell.name}-")
+    for change in ("budget=total", "train.steps=7", "seed=3", "categories=[1,4]"):
+        other = load_sweep(SWEEP, [f"data.path={dataset}", "categories=[2,4]", "methods=[knn,diad]", change])
+        assert other.folder_of(cell) != spec.folder_of(cell), change
