@@ -23,7 +23,10 @@ class UnknownKeyError(ValueError):
         close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.6)
         hint = f"; did you mean {key[: len(key) - len(leaf)]}{close[0]}?" if close else ""
         super().__init__(f"unknown config key {key}{hint} (valid here: {', '.join(valid)})")
-        self.key, self.suggestion = key, close[0] if close else None
+        self.key, self.suggestion, self.valid = key, close[0] if close else None, list(valid)
+
+    def __reduce__(self):  # rebuilt from its arguments: a Ray worker's error reaches the driver whole
+        return UnknownKeyError, (self.key, self.valid)
 
 
 class ConfigTypeError(TypeError, ValueError):

@@ -107,3 +107,13 @@ def test_every_local_path_a_trial_reads_is_pinned_absolute(tmp_path, monkeypatch
                                                               "model.pretrained=org/model",
                                                               "tracking.tracking_uri=sqlite:////abs/m.db"])
     assert absolute_path_overrides(cfg) == ["data.path=/d", "output_dir=/o"]
+
+
+def test_a_config_error_survives_the_trip_from_a_ray_worker():
+    import pickle
+
+    try:
+        ExperimentConfig.from_dict({"train": {"stpes": 1}})
+    except UnknownKeyError as exc:
+        again = pickle.loads(pickle.dumps(exc))
+    assert isinstance(again, UnknownKeyError) and str(again) == str(exc) and again.suggestion == "steps"
