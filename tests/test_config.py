@@ -112,8 +112,7 @@ def test_every_local_path_a_trial_reads_is_pinned_absolute(tmp_path, monkeypatch
 def test_a_config_error_survives_the_trip_from_a_ray_worker():
     import pickle
 
-    try:
+    with pytest.raises(UnknownKeyError) as raised:
         ExperimentConfig.from_dict({"train": {"stpes": 1}})
-    except UnknownKeyError as exc:
-        again = pickle.loads(pickle.dumps(exc))
-    assert isinstance(again, UnknownKeyError) and str(again) == str(exc) and again.suggestion == "steps"
+    again = pickle.loads(pickle.dumps(raised.value))
+    assert isinstance(again, UnknownKeyError) and str(again) == str(raised.value) and again.suggestion == "steps"
