@@ -48,7 +48,7 @@ class KNNGraph(nn.Module):
         nearest, match = distances.min(dim=2)
         worst_distance, worst = nearest.max(dim=1)                        # the most anomalous patch
         score = worst_distance
-        if k.reweight_neighbours > 0:
+        if k.reweight_neighbours > 0 and len(bank) > 1:
             matched = bank[match.gather(1, worst[:, None])[:, 0]]        # m*, B x D
             neighbours = min(k.reweight_neighbours, len(bank))
             support = torch.cdist(matched, bank, compute_mode=MATMUL).topk(neighbours, largest=False).indices

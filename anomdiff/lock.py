@@ -13,7 +13,11 @@ A lock whose holder is gone is taken over, so that the same command resumes a ki
   file for ``stale_s`` seconds: a holder touches its lock every ``refresh_s`` seconds from a
   daemon thread, so a lock goes stale only when its holder's process (or host) has stopped. This
   relies on the volume's clocks agreeing to within ``stale_s - refresh_s`` (NTP).
-The same process may take the lock of a folder it already holds (a job calling another job).
+The same process may take the lock of a folder it already holds (a job calling another job); a
+lock that names this process but that this process does not hold is a dead predecessor's (a
+restarted container reuses its host name and often its process id) and is taken over. Of two jobs
+taking over the same dead lock, one gets it: a job that moved aside a lock other than the dead
+one it judged puts it back.
 """
 
 from __future__ import annotations
@@ -52,7 +56,10 @@ def _holder() -> dict:
 
 
 def _alive_here(holder: dict) -> bool:
-    pid = int(holder.get("pid", -1))
+    try:
+        pid = int(holder.get("pid", -1))
+    except (TypeError, ValueError):
+        return False
     if pid <= 0:
         return False
     try:
@@ -76,14 +83,17 @@ def _is_gone(path: Path, holder: dict, stale_s: float) -> bool:
 
 def _read(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
         return {}  # a torn or foreign file: judged by its age alone
+    return doc if isinstance(doc, dict) else {}
 
 
 def _describe(holder: dict) -> str:
+    if not isinstance(holder, dict):
+        return "an unreadable holder"
     return (f"process {holder.get('pid', '?')} on {holder.get('host', '?')} since {holder.get('started', '?')} "
             f"({holder.get('command', '?')!r})")
 
@@ -100,14 +110,25 @@ def _create(path: Path, holder: dict) -> bool:
     return True
 
 
-def _take_over(path: Path) -> None:
-    """Move a dead holder's lock aside (one rename: of two jobs taking over, one wins the new lock)."""
+def _take_over(path: Path, dead: dict) -> bool:
+    """Move the dead holder's lock aside; ``False`` when what was moved is not that lock (another job
+    took it over first and holds it now: it is put back)."""
     aside = path.with_name(f"{path.name}.stale.{os.getpid()}")
     try:
         os.replace(path, aside)
-        aside.unlink(missing_ok=True)
     except FileNotFoundError:
-        pass
+        return False
+    moved = _read(aside)
+    if moved != dead:
+        try:
+            os.link(aside, path)  # back where it was, unless a third job has created one meanwhile
+        except FileExistsError:
+            pass
+    aside.unlink(missing_ok=True)
+    return moved == dead
+
+
+_HELD: dict[Path, int] = {}  # the folders this process holds, and how many blocks hold each
 
 
 @contextmanager
@@ -116,33 +137,41 @@ def hold_folder(folder: str | Path, refresh_s: float = REFRESH_S, stale_s: float
     :class:`FolderInUseError` while another live job holds it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_FILE
+    path = (folder / LOCK_FILE).resolve()
+    if path in _HELD:  # this process holds it already (a job calling another job): the outer block releases it
+        _HELD[path] += 1
+        try:
+            yield path
+        finally:
+            _HELD[path] -= 1
+        return
     me = _holder()
-    for _ in range(3):
+    for _ in range(5):
         if _create(path, me):
             break
         holder = _read(path)
         if holder is None:
             continue  # released meanwhile: try again
-        if holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
-            yield path  # this process holds it already: the outer block releases it
-            return
-        if not _is_gone(path, holder, stale_s):
+        # A lock naming this process that this process does not hold is a dead predecessor's (a
+        # restarted container reuses the host name and often the process id).
+        own_id = holder.get("pid") == me["pid"] and holder.get("host") == me["host"]
+        if not own_id and not _is_gone(path, holder, stale_s):
             raise FolderInUseError(f"{folder} is in use by another job: {_describe(holder)}. Wait for it to end or "
                                    f"stop it; if it is gone (another host, not seen for {stale_s:.0f} s), remove "
                                    f"{path}")
         print(f"[lock] taking over {path} from {_describe(holder)}, which is no longer running", flush=True)
-        _take_over(path)
+        _take_over(path, holder)
     else:
         raise FolderInUseError(f"{folder}: could not take its lock {path}; another job is starting there")
+    _HELD[path] = 1
     stop = threading.Event()
 
     def refresh() -> None:
         while not stop.wait(refresh_s):
             try:
                 os.utime(path)
-            except OSError:
-                return
+            except OSError as exc:  # a passing error of the volume: try again at the next beat
+                print(f"[lock] could not refresh {path}: {exc}", flush=True)
 
     beat = threading.Thread(target=refresh, name="anomdiff-lock", daemon=True)
     beat.start()
@@ -150,5 +179,7 @@ def hold_folder(folder: str | Path, refresh_s: float = REFRESH_S, stale_s: float
         yield path
     finally:
         stop.set()
-        if (_read(path) or {}).get("pid") == me["pid"]:
+        del _HELD[path]
+        held = _read(path) or {}
+        if held.get("pid") == me["pid"] and held.get("host") == me["host"]:
             path.unlink(missing_ok=True)

@@ -25,6 +25,7 @@ import json
 import pickle
 import re
 from pathlib import Path
+from urllib.parse import quote
 
 import mlflow
 import numpy as np
@@ -104,8 +105,9 @@ class Scorer:
 
 
 def map_file(sample_id: str) -> str:
-    """The file name of a sample's saved anomaly map (``evaluate.save_maps``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(sample_id)) + ".npy"
+    """The file name of a sample's saved anomaly map (``evaluate.save_maps``): the sample id
+    URI-encoded, so distinct ids (any script, any separator) never share a file."""
+    return quote(str(sample_id), safe="") + ".npy"
 
 
 def image_rows(scored: dict, categories: list[str]) -> list[dict]:
@@ -213,7 +215,8 @@ def _evaluate(model: str, data_path: str, out: Path, overrides: list[str], addre
     use_gpu = ray.cluster_resources().get("GPU", 0) >= 1 if use_gpu == "auto" else bool(use_gpu)
     scored = test_dataset(spec, categories=categories, subset=evaluated).map_batches(
         Scorer, fn_constructor_kwargs={"model_dir": str(model_dir), "model_overrides": model_overrides,
-                                       "use_gpu": use_gpu, "fold": fold},
+                                       "use_gpu": use_gpu, "fold": fold,
+                                       "maps_dir": str((out / "maps").resolve()) if eval_cfg.save_maps else None},
         batch_size=eval_cfg.batch_size, compute=ray.data.ActorPoolStrategy(size=scorers),
         num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else 0.5)
 

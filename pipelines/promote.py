@@ -25,6 +25,7 @@ import getpass
 import json
 import time
 
+import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -49,10 +50,17 @@ def policy(client: MlflowClient, name: str) -> PromotionGate:
                                    _path="promotion.policy")
 
 
-def set_policy(name: str, gate: PromotionGate) -> dict:
-    """Record ``gate`` as the registered model's policy, with who set it and when."""
+def set_policy(name: str, values: dict[str, float]) -> dict:
+    """Set ``values`` (tolerance, floors) in the registered model's policy, the others kept as they
+    were, with who set it and when."""
     client = MlflowClient()
-    client.get_registered_model(name)  # an unknown model fails here, by name
+    try:
+        current = policy(client, name)
+    except MlflowException as exc:
+        if registry.not_found(exc):
+            raise ValueError(f"no registered model {name!r} in {mlflow.get_tracking_uri()}") from None
+        raise
+    gate = PromotionGate.from_dict({**current.to_dict(), **values}, _path="promotion.policy")
     record = {**gate.to_dict(), "set_by": getpass.getuser(), "set_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                      time.gmtime())}
     client.set_registered_model_tag(name, POLICY_TAG, json.dumps(record, sort_keys=True))
@@ -144,7 +152,7 @@ def promote(name: str, version: str | None = None, alias: str = CHAMPION, dry_ru
         holder = {**metrics, "test_data": holder_data, "categories": holder_categories}
     gate = stricter(policy(client, name), gate_overrides or {})
     best = best_on_record(client, name) if alias == CHAMPION else {"val": {}, "test": {}}
-    if alias != CHAMPION and holder:  # another alias: its holder is the bar
+    if holder:  # the holder is part of the bar (a champion set before the record was kept, another alias)
         best = _raise_best(best, {k: v for k, v in holder.items() if isinstance(v, float)}, holder.get("test_data"))
     champion = (holder or {}) if alias == CHAMPION else None
     failures = judge({**candidate, "categories": categories}, best, gate, test_data, champion)
@@ -204,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     tracking.check_server(cfg)
     tracking.point_at_store(cfg)
     if args.set_policy:
-        record = set_policy(args.name, PromotionGate.from_dict(overrides, _path="promotion.policy"))
+        record = set_policy(args.name, overrides)
         print(f"{args.name}: promotion policy {json.dumps(record, sort_keys=True)}")
         return
     decision = promote(args.name, args.version, args.alias, args.dry_run, args.force, args.reason, overrides)

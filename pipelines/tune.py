@@ -27,11 +27,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import ray
+import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from anomdiff.atomic import write_csv_atomic, write_text_atomic
-from anomdiff.config import ExperimentConfig, apply_overrides, load_config, save_config
+from anomdiff.config import DataConfig, ExperimentConfig, apply_overrides, save_config
 from anomdiff.lock import hold_folder
 from anomdiff.search import SearchSpec, load_search, nested, yaml_value
 from pipelines import runtime, tracking
@@ -171,7 +172,8 @@ def _validation_batches(spec: SearchSpec, cfg: ExperimentConfig, model) -> list[
     data = cfg.data
     saved_run = Path(spec.model).resolve().parent / RESOLVED_CONFIG
     if saved_run.is_file():  # the model's own hold-out (fraction, seed), so no training image is scored
-        data = load_config(saved_run).data
+        # Only its data section: a run written by an older version may hold keys that are gone since.
+        data = DataConfig.from_dict(yaml.safe_load(saved_run.read_text()).get("data") or {}, _path="data")
         if any(o.startswith("data.path=") for o in spec.experiment_overrides):
             data = replace(data, path=cfg.data.path)
     elif not any(o.startswith("data.path=") for o in spec.experiment_overrides):
@@ -219,8 +221,8 @@ def _search(spec: SearchSpec, address: str | None) -> dict:
     out = Path(spec.output_dir).resolve()
     # Trials run in working directories of Ray Tune's: every path they read is made absolute here.
     runtime.pin_home()
-    spec.experiment_overrides = [*spec.experiment_overrides, *runtime.absolute_path_overrides(spec.config())]
     cfg = spec.config()
+    cfg = ExperimentConfig.from_dict(apply_overrides(cfg.to_dict(), runtime.absolute_path_overrides(cfg)))
     tracking.check_server(cfg.tracking)
     _same_search(spec, out)
     if not spec.inference_time:

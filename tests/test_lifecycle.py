@@ -23,7 +23,6 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from samples import noise_bank_knn
 
-from anomdiff.config import PromotionGate
 from anomdiff.pyfunc_model import encode_base64_png
 from pipelines import cli, promote, registry, tracking
 from pipelines.predict import predict
@@ -116,8 +115,11 @@ def test_the_gate_promotes_refuses_a_worse_candidate_and_a_forced_rollback_needs
     # A promotion's own options only tighten the gate: a looser tolerance is ignored...
     assert promote.promote("m", gate_overrides={"tolerance": 0.15})["decision"] == "refused"
     # ...the registered model's owner loosens it, on the record.
-    policy = promote.set_policy("m", PromotionGate(tolerance=0.15))
-    assert policy["tolerance"] == 0.15 and policy["set_by"]
+    promote.set_policy("m", {"min_pixel_auroc": 0.6})
+    policy = promote.set_policy("m", {"tolerance": 0.15})  # one value changed, the others kept
+    assert policy["tolerance"] == 0.15 and policy["min_pixel_auroc"] == 0.6 and policy["set_by"]
+    with pytest.raises(ValueError, match="no registered model 'nothing'"):
+        promote.set_policy("nothing", {"tolerance": 0.1})
     assert promote.promote("m")["decision"] == "promoted" and champion(client) == worse
 
     # Rolling back to version 1 against a gate it fails (its validation image AUROC is below the floor

@@ -101,3 +101,26 @@ def test_a_prediction_into_a_held_folder_is_refused(tmp_path, other_job):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and f"process {other_job.pid}" in done.stderr
     assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+def test_a_lock_naming_this_process_that_it_does_not_hold_is_a_dead_predecessors(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                             "started": "before the restart", "command": "anomdiff train"}))
+    with hold_folder(out) as lock:
+        assert json.loads(lock.read_text())["started"] != "before the restart"
+    assert not lock.exists()
+
+
+def test_of_two_jobs_taking_over_a_dead_lock_the_second_leaves_the_firsts_lock_in_place(tmp_path):
+    from anomdiff.lock import _take_over
+
+    lock = tmp_path / LOCK_FILE
+    dead = {"pid": 999999, "host": socket.gethostname(), "started": "then", "command": "killed"}
+    first = {"pid": os.getpid(), "host": socket.gethostname(), "started": "now", "command": "first"}
+    lock.write_text(json.dumps(first))  # the first job has already taken over and holds it
+    assert _take_over(lock, dead) is False  # the second judged the dead one: it must not remove the first's
+    assert json.loads(lock.read_text()) == first
+    lock.write_text(json.dumps(dead))
+    assert _take_over(lock, dead) is True and not lock.exists()

@@ -159,3 +159,14 @@ def test_scores_never_read_the_category_and_survive_save_and_load(fitted, tmp_pa
     loaded = load_model(tmp_path / "knn")
     assert loaded.metadata == {"categories": ["a", "b"]} and torch.equal(loaded.memory, fitted.memory)
     assert torch.equal(loaded.score({"image": x})["anomaly_map"], expected["anomaly_map"])
+
+
+def test_a_knn_model_exported_before_patchcores_scoring_is_refused_with_the_way_out(fitted, tmp_path):
+    import json
+
+    fitted.save(tmp_path / "old", metadata={"categories": ["a", "b"]})
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["config"]["knn"]["reweight_neighbours"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="exported before knn scored as PatchCore does"):
+        load_model(tmp_path / "old")

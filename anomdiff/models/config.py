@@ -223,8 +223,10 @@ class KNNConfig(Section):
                              f"got {self.neighbourhood}")
         if not 0.0 < self.coreset_ratio <= 1.0:
             raise ValueError(f"model.knn.coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
-        if self.reweight_neighbours < 0 or self.sigma < 0:
-            raise ValueError("model.knn.reweight_neighbours and model.knn.sigma must be >= 0")
+        if self.reweight_neighbours == 1 or self.reweight_neighbours < 0 or self.sigma < 0:
+            raise ValueError(f"model.knn.reweight_neighbours must be 0 (the plain maximum) or at least 2 (Eq. 7 over "
+                             f"the match and its neighbours; 1 would weigh every score to 0), and model.knn.sigma "
+                             f">= 0; got {self.reweight_neighbours} and {self.sigma}")
         if self.bank not in KNN_BANKS:
             raise ValueError(f"model.knn.bank must be one of {', '.join(KNN_BANKS)}, got {self.bank!r}")
 

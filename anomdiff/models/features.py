@@ -31,17 +31,17 @@ def _random(name: str, kwargs: dict) -> nn.Module:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict in a ``.safetensors`` or torch file (``state_dict``/``model`` wrappers and
-    DataParallel's ``module.`` prefix removed)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    """The state dict in a ``.safetensors`` or torch file, read as timm reads its checkpoints (EMA
+    weights first, ``state_dict``/``model`` wrappers and DataParallel's ``module.`` prefix removed,
+    no code run); an unreadable file is an error naming it."""
+    try:
+        state = timm.models.load_state_dict(str(path), use_ema=True)
+    except Exception as exc:  # torch, safetensors and pickle raise many types for a damaged or foreign file
+        raise ValueError(f"model.backbone.pretrained: {str(path)!r} is not a readable weights file "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"model.backbone.pretrained: {str(path)!r} holds no state dict")
+    return state
 
 
 def missing_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:

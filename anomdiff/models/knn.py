@@ -91,6 +91,8 @@ def reweighting(query: torch.Tensor, match: int, bank: torch.Tensor, neighbours:
     ``match``: ``1 - exp(d(query, m*)) / sum over m in N_b(m*) of exp(d(query, m))``, N_b(m*) being the
     ``neighbours`` bank rows nearest to m* (m* itself among them)."""
     b = min(neighbours, len(bank))
+    if b < 2:  # a one-row bank: no neighbourhood to weigh against
+        return torch.tensor(1.0, device=query.device)
     support = torch.cdist(bank[match][None].float(), bank.float())[0].topk(b, largest=False).indices
     support = torch.cat([torch.tensor([match], device=support.device), support[support != match][: b - 1]])
     distance = torch.cdist(query[None].float(), bank[support].float())[0]
@@ -222,6 +224,10 @@ class KNNModel(nn.Module):
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> KNNModel:
         directory = Path(directory)
         info = read_saved_config(directory)
+        if "reweight_neighbours" not in info["config"].get("knn", {}):
+            raise ValueError(f"{directory}: a knn model exported before knn scored as PatchCore does (Eq. 7, its own "
+                             "smoothing): its threshold and score range belong to the old score. Build it again "
+                             "(anomdiff train with its config, a new output_dir; a memory bank takes minutes)")
         cfg = ModelConfig.from_dict(info["config"])
         model = cls(ModelConfig.from_dict({"backbone": {"pretrained": None}}, base=cfg), info["num_categories"])
         state = load_weights(directory, device, expected=model.state_dict(), resizable=("memory", "memory_category"))
