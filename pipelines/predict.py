@@ -76,8 +76,9 @@ def _predict(model: str, paths: list[Path], out: Path, category: str | None, bat
             bar.update(len(batch))
     write_csv_atomic(out / "predictions.csv", rows, list(COLUMNS))
     scored = sum(1 for row in rows if not row["error"])
+    threshold = "none" if scorer.threshold is None else f"{scorer.threshold:.4g}"
     print(f"scored {scored} of {len(rows)} images in {time.perf_counter() - start:.1f} s "
-          f"({sum(1 for row in rows if row['decision'] == 'true')} anomalous at threshold {scorer.threshold}); "
+          f"({sum(1 for row in rows if row['decision'] == 'true')} anomalous at threshold {threshold}); "
           f"{out / 'predictions.csv'}")
     return rows
 
