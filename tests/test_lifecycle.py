@@ -184,6 +184,7 @@ def write_images(folder: Path) -> list[Path]:
 
 def test_predict_from_the_champion_writes_scores_decisions_overlays_and_a_row_per_broken_file(store, tmp_path):
     version = register(store, tmp_path, "m", 0.9, 0.9)
+    evaluated(tmp_path, version, 0.9, 0.9)  # a champion needs test metrics
     promote.promote("m")
     paths = write_images(tmp_path / "images")
     rows = predict("models:/m@champion", [str(tmp_path / "images")], tmp_path / "out", batch_size=2, progress=False)
@@ -240,7 +241,7 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_the_served_champion_answers_as_predict_does(store, tmp_path):
-    register(store, tmp_path, "m", 0.9, 0.9)
+    evaluated(tmp_path, register(store, tmp_path, "m", 0.9, 0.9), 0.9, 0.9)  # a champion needs test metrics
     promote.promote("m")
     paths = write_images(tmp_path / "images")[:3]
     expected = {r["path"]: float(r["score"]) for r in predict("models:/m@champion", [str(p) for p in paths],

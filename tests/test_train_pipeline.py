@@ -107,7 +107,8 @@ def test_a_streaming_scorer_sends_partial_metrics_and_new_worst_cases_but_no_map
         batch = {"image": rng.uniform(-1, 1, (4, 3, 32, 32)).astype(np.float32), "sample_id": np.arange(4) + 4 * b,
                  "category_index": np.array([0, 1, 0, 1]), "label": np.array([0, 1, 0, 1]), "mask": masks}
         row = streaming(batch)
-        assert set(row) == {"images", "partial", "cases"} and len(row["partial"]) == 1  # no anomaly_map
+        assert set(row) == {"images", "partial", "cases", "rows"} and len(row["partial"]) == 1  # no anomaly_map
+        assert [r["sample_id"] for r in json.loads(row["rows"][0])] == [str(s) for s in batch["sample_id"]]
         merged.merge(pickle.loads(row["partial"][0]))
         kept += pickle.loads(row["cases"][0])
         out = plain(batch)
