@@ -48,7 +48,8 @@ def fsync_tree(root: Path) -> None:
         fsync_path(folder)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (another user's counts)."""
     if pid == os.getpid():
         return True
     try:
@@ -69,7 +70,7 @@ def remove_leftovers(dest: str | Path) -> list[Path]:
         return removed
     for entry in sorted(dest.parent.iterdir()):
         match = _LEFTOVER.match(entry.name)
-        if not match or match["name"] != dest.name or _alive(int(match["pid"] or match["old_pid"])):
+        if not match or match["name"] != dest.name or process_alive(int(match["pid"] or match["old_pid"])):
             continue
         if match["old_pid"] and not dest.exists() and not dest.is_symlink():
             os.replace(entry, dest)  # killed between the two renames: the old version is the current one

@@ -33,6 +33,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+from anomdiff.atomic import process_alive
+
 LOCK_FILE = ".anomdiff.lock"
 REFRESH_S = 30.0
 STALE_S = 180.0
@@ -60,14 +62,8 @@ def _alive_here(holder: dict) -> bool:
         pid = int(holder.get("pid", -1))
     except (TypeError, ValueError):
         return False
-    if pid <= 0:
+    if pid <= 0 or not process_alive(pid):
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
     recorded, current = holder.get("process_start"), _start_time(pid)
     return recorded is None or current is None or recorded == current  # a reused id is another process
 

@@ -10,6 +10,7 @@ with no address would join that one, with its own Python environment).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
@@ -121,6 +122,21 @@ def pin_home() -> None:
     from pipelines.tracking import anomdiff_home
 
     os.environ["ANOMDIFF_HOME"] = str(anomdiff_home())
+
+
+def same_job_or_refuse(out: Path, record: str, what: dict, kind: str) -> None:
+    """Record what defines a resumable job (``what``) in ``out/record`` the first time; refuse, with
+    one line, to resume a job of another definition in the same folder."""
+    from anomdiff.atomic import write_text_atomic
+
+    text = json.dumps(what, indent=1, sort_keys=True)
+    path = out / record
+    if path.is_file() and path.read_text() != text:
+        raise FileExistsError(f"{out} holds another {kind} (its {record} differs); choose a new output_dir or delete "
+                              f"the old {kind}")
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, text)
 
 
 LAUNCHES = "launches.log"  # a line per start of a trial or cell: what a resumed job ran again, and where

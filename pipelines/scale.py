@@ -37,7 +37,7 @@ from pathlib import Path
 import mlflow
 import ray
 
-from anomdiff.atomic import write_csv_atomic, write_json_atomic, write_text_atomic
+from anomdiff.atomic import write_csv_atomic, write_json_atomic
 from anomdiff.lock import hold_folder
 from anomdiff.sweep import Cell, SweepSpec, load_sweep, spread
 from pipelines import runtime, tracking
@@ -150,15 +150,8 @@ def _same_sweep(spec: SweepSpec, out: Path) -> None:
     """Record the sweep's base (experiment, overrides, budget) in ``out`` the first time; refuse to
     resume a sweep of another base there. Other K or methods add cells; a cell whose settings changed
     gets a new folder (its fingerprint) instead of a finished cell's result."""
-    what = json.dumps({"experiment": spec.experiment, "overrides": spec.experiment_overrides,
-                       "budget": spec.budget}, indent=1, sort_keys=True)
-    recorded = out / SWEEP_FILE
-    if recorded.is_file() and recorded.read_text() != what:
-        raise FileExistsError(f"{out} holds another sweep (its {SWEEP_FILE} differs: experiment, overrides or "
-                              "budget); choose a new output_dir or delete the old sweep")
-    if not recorded.is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(recorded, what)
+    runtime.same_job_or_refuse(out, SWEEP_FILE, {"experiment": spec.experiment, "overrides": spec.experiment_overrides,
+                                                 "budget": spec.budget}, "sweep")
 
 
 def _sweep(spec: SweepSpec, address: str | None) -> list[dict]:

@@ -31,7 +31,7 @@ import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from anomdiff.atomic import write_csv_atomic, write_text_atomic
+from anomdiff.atomic import write_csv_atomic
 from anomdiff.config import DataConfig, ExperimentConfig, apply_overrides, save_config
 from anomdiff.lock import hold_folder
 from anomdiff.search import SearchSpec, load_search, nested, yaml_value
@@ -194,18 +194,11 @@ SEARCH_FILE = "search.json"  # what this output_dir searches: a resumed search m
 
 def _same_search(spec: SearchSpec, out: Path) -> None:
     """Record the search in ``out`` the first time; refuse to resume a different one there."""
-    what = json.dumps({"experiment": spec.experiment, "space": {k: [d.kind, d.args] for k, d in spec.space.items()},
-                       "metric": spec.metric, "num_trials": spec.num_trials,
-                       "model": str(Path(spec.model).resolve()) if spec.model else None,
-                       "overrides": spec.experiment_overrides, "search": spec.search, "scheduler": spec.scheduler,
-                       "reduction_factor": spec.reduction_factor}, indent=1, sort_keys=True)
-    recorded = out / SEARCH_FILE
-    if recorded.is_file() and recorded.read_text() != what:
-        raise FileExistsError(f"{out} holds another search (its {SEARCH_FILE} differs); choose a new output_dir "
-                              "or delete the old search")
-    if not recorded.is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(recorded, what)
+    runtime.same_job_or_refuse(out, SEARCH_FILE, {
+        "experiment": spec.experiment, "space": {k: [d.kind, d.args] for k, d in spec.space.items()},
+        "metric": spec.metric, "num_trials": spec.num_trials,
+        "model": str(Path(spec.model).resolve()) if spec.model else None, "overrides": spec.experiment_overrides,
+        "search": spec.search, "scheduler": spec.scheduler, "reduction_factor": spec.reduction_factor}, "search")
 
 
 def run(spec: SearchSpec, address: str | None = None) -> dict:
