@@ -24,6 +24,28 @@ ACTOR, NAMESPACE = "anomdiff-autoscaler-requests", "anomdiff"
 RENEW_S, EXPIRE_S = 60.0, 300.0
 
 
+def autoscaler_ceiling() -> dict[str, float] | None:
+    """The resources the cluster holds at its maximum size, from the autoscaler's node groups
+    (KubeRay's worker groups x maxReplicas), or ``None`` where no autoscaler has published them.
+    Ray 2.60 exposes this only through ``ray._private.state`` (what Ray Train itself reads to
+    refuse an impossible worker group); any failure of that private call counts as unknown."""
+    try:
+        from ray._private.state import state
+
+        return state.get_max_resources_from_cluster_config()
+    except Exception:
+        return None
+
+
+def growable_resources() -> dict[str, float]:
+    """What the cluster can grow to: its resources now, or its autoscaler's ceiling where larger (an
+    autoscaling RayCluster starts with no GPU node). What sizes a search's or a sweep's concurrency."""
+    have = dict(ray.cluster_resources())
+    for name, amount in (autoscaler_ceiling() or {}).items():
+        have[name] = max(have.get(name, 0), amount)
+    return have
+
+
 @ray.remote(num_cpus=0, max_concurrency=4)
 class Requests:
     """The live jobs' needs, and the autoscaler request that is their union."""

@@ -40,7 +40,7 @@ import ray
 from anomdiff.atomic import write_csv_atomic, write_json_atomic
 from anomdiff.lock import hold_folder
 from anomdiff.sweep import Cell, SweepSpec, load_sweep, spread
-from pipelines import runtime, tracking
+from pipelines import autoscaling, runtime, tracking
 
 SWEEP_FILE = "sweep.json"
 RESULT = "result.json"
@@ -126,7 +126,7 @@ def concurrency(cfg) -> int:
     t = cfg.train
     need = {"CPU": t.num_workers * t.cpus_per_worker + max(1.0, cfg.data.decode_cpus),
             "GPU": float(t.num_workers) if t.use_gpu else 0.0}
-    have = ray.cluster_resources()
+    have = autoscaling.growable_resources()  # what the cluster can grow to, not what it has at start
     return max(1, min(int(have.get(name, 0) // amount) for name, amount in need.items() if amount > 0))
 
 

@@ -40,6 +40,7 @@ from anomdiff.lock import LOCK_FILE, hold_folder
 from anomdiff.models import model_class
 from anomdiff.models.pretrained import pretrained_problems
 from pipelines import autoscaling, registry, runtime, stage, tracking
+from pipelines.autoscaling import autoscaler_ceiling
 from pipelines.data import DataSpec, EveryRowDataConfig, train_dataset, validation_dataset, validation_ids
 
 SELECTION_METRIC = "val_selection"  # train.selection_image_weight's mix of validation image and pixel AUROC
@@ -91,19 +92,6 @@ def _config_text(cfg: ExperimentConfig) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         save_config(cfg, Path(tmp) / RESOLVED_CONFIG)
         return (Path(tmp) / RESOLVED_CONFIG).read_text()
-
-
-def autoscaler_ceiling() -> dict[str, float] | None:
-    """The resources the cluster holds at its maximum size, from the autoscaler's node groups
-    (KubeRay's worker groups x maxReplicas), or ``None`` where no autoscaler has published them.
-    Ray 2.60 exposes this only through ``ray._private.state`` (what Ray Train itself reads to
-    refuse an impossible worker group); any failure of that private call counts as unknown."""
-    try:
-        from ray._private.state import state
-
-        return state.get_max_resources_from_cluster_config()
-    except Exception:
-        return None
 
 
 def check_resources(cfg: ExperimentConfig, spec: DataSpec, ask=lambda bundles: None) -> None:

@@ -35,7 +35,7 @@ from anomdiff.atomic import write_csv_atomic
 from anomdiff.config import DataConfig, ExperimentConfig, apply_overrides, save_config
 from anomdiff.lock import hold_folder
 from anomdiff.search import SearchSpec, load_search, nested, yaml_value
-from pipelines import runtime, tracking
+from pipelines import autoscaling, runtime, tracking
 from pipelines.data import DataSpec, validation_dataset
 from pipelines.train import PLACEMENT_GROUP, RESOLVED_CONFIG
 
@@ -161,7 +161,7 @@ def _num_samples(spec: SearchSpec) -> int:
 def _concurrency(spec: SearchSpec, need: dict[str, float]) -> int:
     if spec.max_concurrent:
         return spec.max_concurrent
-    have = ray.cluster_resources()
+    have = autoscaling.growable_resources()
     fits = [int(have.get(name, 0) // amount) for name, amount in need.items() if amount > 0]
     return max(1, min(fits) if fits else 1)
 

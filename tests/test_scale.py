@@ -137,3 +137,18 @@ def test_a_cells_folder_changes_with_any_setting_that_decides_its_result(dataset
     for change in ("budget=total", "train.steps=7", "seed=3", "categories=[1,4]"):
         other = load_sweep(SWEEP, [f"data.path={dataset}", "categories=[2,4]", "methods=[knn,diad]", change])
         assert other.folder_of(cell) != spec.folder_of(cell), change
+
+
+def test_concurrency_is_sized_by_what_the_cluster_can_grow_to(dataset, monkeypatch):
+    """An autoscaling RayCluster starts with no GPU node: cells are sized by the autoscaler's ceiling."""
+    import ray
+
+    from pipelines import autoscaling, scale
+
+    cfg = load_sweep(SWEEP, [f"data.path={dataset}", "train.use_gpu=true", "train.num_workers=8",
+                             "train.cpus_per_worker=4"]).base()
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})  # the head alone
+    monkeypatch.setattr(autoscaling, "autoscaler_ceiling", lambda: {"CPU": 200.0, "GPU": 32.0})
+    assert scale.concurrency(cfg) == 4  # 32 GPUs at most, 8 per cell (CPU: 33 each, 200 in all)
+    monkeypatch.setattr(autoscaling, "autoscaler_ceiling", lambda: None)  # no autoscaler: what there is
+    assert scale.concurrency(cfg) == 1
