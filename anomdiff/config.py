@@ -150,12 +150,15 @@ class PromotionGate(Section):
 @dataclass
 class TrackingConfig(Section):
     """MLflow: experiment name, tracking URI (default: SQLite under ANOMDIFF_HOME), and the registered
-    model name that each training registers a new version of (none: the model is logged only). The
+    model name that each training registers a new version of (none: the model is logged only).
+    ``log_model: false`` logs the exported model's location (tag ``anomdiff.model_dir``) instead of a
+    copy of it (search trials and sweep cells: a copy per trial is gigabytes at sd15). The
     promotion gate is the registered model's, not a training run's (``anomdiff promote --set-policy``)."""
 
     experiment: str = "anomdiff"
     tracking_uri: str | None = None
     registered_model: str | None = None
+    log_model: bool = True
 
 
 @dataclass

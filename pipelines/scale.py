@@ -79,7 +79,8 @@ def run_cell(spec: SweepSpec, cell: Cell, separate_store: bool) -> dict:
     runtime.record_launch(spec.output_dir, cell.name)
     store = tracking.own_sqlite_store(folder) if separate_store else []
     # A cell's model is a measurement, not a registry candidate.
-    cfg = spec.config(cell, [f"output_dir={folder / 'run'}", "tracking.registered_model=null", *store])
+    cfg = spec.config(cell, [f"output_dir={folder / 'run'}", "tracking.registered_model=null",
+                             "tracking.log_model=false", *store])
     timing = folder / TRAIN_TIME
     if timing.is_file() and (folder / "run" / "model").is_dir():  # trained before: only the evaluation failed
         train.preflight(cfg)  # the same experiment as the model's

@@ -446,7 +446,9 @@ def _train(cfg: ExperimentConfig, spec: DataSpec, out: Path, callbacks: list | N
     with tracking.resume(run_ref) as active:
         tracking.log_metrics({f"best/{key}": metadata[key] for key in (SELECTION_METRIC, "val_image_auroc",
                                                                         "val_pixel_auroc", "threshold")})
-        if active is not None:  # the store answers: the model goes to MLflow (and the registry) too
+        if active is not None and not cfg.tracking.log_model:  # where the model is, not a copy of it
+            mlflow.set_tag("anomdiff.model_dir", str(out / "model"))
+        elif active is not None:  # the store answers: the model goes to MLflow (and the registry) too
             try:
                 logged = registry.log_once(out / "model", cfg.tracking.registered_model, out / LOGGED_MODEL)
             except Exception as exc:  # the model is exported whatever the store does: run the command again

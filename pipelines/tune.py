@@ -100,6 +100,7 @@ def training_trial(params: dict, base: dict | None = None, metric=None, out: str
     # Its checkpoints are kept and exported by the search's own metric.
     overrides = [f"{k}={yaml_value(v)}" for k, v in params.items()] + [f"output_dir={folder}",
                                                                        "tracking.registered_model=null",
+                                                                       "tracking.log_model=false",
                                                                        f"train.selection_image_weight={image_weight(metric)}"]
     if separate_stores:
         overrides += tracking.own_sqlite_store(folder)

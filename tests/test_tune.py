@@ -183,6 +183,7 @@ def test_a_training_search_runs_one_training_per_trial_and_asha_stops_the_poor_o
     # Its checkpoints were kept and exported by the search's metric (pixel AUROC), not image AUROC.
     exported = json.loads((out / "trials" / best["trial"] / "model" / "config.json").read_text())["metadata"]
     assert exported["selection_image_weight"] == 0.0
+    assert not (out / "trials" / best["trial"] / "mlflow_model.json").exists()  # its location logged, not a copy
     assert exported["val_selection"] == pytest.approx(exported["val_pixel_auroc"])
     again = load_config(out / "best.yaml")  # a ready-to-run experiment
     assert again.seed == int(best["seed"]) and again.output_dir == str(out / "best_run")
@@ -197,3 +198,4 @@ def test_a_search_resumes_only_as_the_same_search(dataset, model, tmp_path):
     _same_search(first, tmp_path)  # the same command again: resumes
     with pytest.raises(FileExistsError, match="holds another search"):
         _same_search(load_search(INFERENCE, [f"model={model}", f"output_dir={tmp_path}", "num_trials=7"]), tmp_path)
+
