@@ -123,10 +123,13 @@ def validation_ids(spec: DataSpec, limit: int | None = None) -> dict[str, list[s
     return chosen
 
 
-def validation_dataset(spec: DataSpec, limit: int | None = None) -> ray.data.Dataset:
-    """The validation normals of :func:`validation_ids`, decoded, as tensors only: model selection and
-    thresholds use these, never test. The same images at every checkpoint, every category in them."""
-    keep = SelectIds(frozenset(s for ids in validation_ids(spec, limit).values() for s in ids))
+def validation_dataset(spec: DataSpec, limit: int | None = None,
+                       chosen: dict[str, list[str]] | None = None) -> ray.data.Dataset:
+    """The validation normals of :func:`validation_ids` (or the ``chosen`` ids it returned), decoded,
+    as tensors only: model selection and thresholds use these, never test. The same images at every
+    checkpoint, every category in them."""
+    chosen = chosen if chosen is not None else validation_ids(spec, limit)
+    keep = SelectIds(frozenset(s for ids in chosen.values() for s in ids))
     rows = read_rows(spec, "train").map_batches(keep, batch_format="pyarrow", batch_size=spec.batch_size,
                                                 num_cpus=spec.config.decode_cpus)
     return _decoded(rows, spec, spec.categories).drop_columns(["sample_id"])

@@ -416,9 +416,10 @@ def _train(cfg: ExperimentConfig, spec: DataSpec, out: Path, callbacks: list | N
     gradient_free = not getattr(model_class(cfg.model.method), "trained_by_gradient", True)
     # A memory bank wants each training image once: category balancing would only repeat rows.
     bank_spec = replace(spec, config=replace(spec.config, balanced=False))
+    validation = validation_ids(spec, cfg.train.validation_images)  # read once: the dataset and the export's counts
     datasets = {"train": train_dataset(bank_spec if gradient_free else spec),
-                "validation": validation_dataset(spec, limit=cfg.train.validation_images)}
-    validation_counts = {c: len(ids) for c, ids in validation_ids(spec, cfg.train.validation_images).items()}
+                "validation": validation_dataset(spec, chosen=validation)}
+    validation_counts = {c: len(ids) for c, ids in validation.items()}
     run_ref = tracking.open_job_run(cfg.tracking, cfg.name, out / "mlflow_run_id", experiment=cfg)
     t = cfg.train
     per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
