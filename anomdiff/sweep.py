@@ -1,17 +1,19 @@
 """Category-scaling sweep files (``conf/scale/*.yaml``): how many categories one model can carry.
 
-A sweep file names the base experiment, the category counts K, the methods and the budget rule::
+A sweep file names the base experiment, the category counts K, the methods, the budget rule and
+the seeds::
 
     experiment: conf/experiment/demo.yaml
     categories: [10, 20, 40, 80, 160]   # absent or null: these five, capped by the dataset
     methods: [knn, diad, proad]
     budget: per_category                # or total
+    seeds: [0, 1, 2]                    # absent or null: the base experiment's seed alone
     output_dir: .anomdiff/scale/demo
 
-Each cell (K, method) is the base experiment with ``model.method=<method>`` and
-``data.num_categories=K``: the first K categories of one seeded order (``data.category_seed``), so
-K=20 holds K=10's categories (``anomdiff.data.splits.nested_subset``); it is evaluated on those K
-categories' test split.
+Each cell (K, method, seed) is the base experiment with ``model.method=<method>``,
+``data.num_categories=K`` and ``seed=<seed>``: the first K categories of one seeded order
+(``data.category_seed``, the same for every seed), so K=20 holds K=10's categories
+(``anomdiff.data.splits.nested_subset``); it is evaluated on those K categories' test split.
 
 The budget rule turns the base experiment's ``train.steps`` (with ``train.vae_steps`` and
 ``train.checkpoint_every``) into each cell's:
@@ -37,7 +39,7 @@ from pathlib import Path
 
 from anomdiff.config import ExperimentConfig, load_config
 
-TOP_KEYS = ("experiment", "categories", "methods", "budget", "output_dir")
+TOP_KEYS = ("experiment", "categories", "methods", "budget", "seeds", "output_dir")
 DEFAULT_CATEGORIES = (10, 20, 40, 80, 160)
 BUDGETS = ("per_category", "total")
 ANCHOR = 10  # the anchor categories: the first 10 of the seeded order (fewer when the smallest K is)
@@ -45,13 +47,19 @@ ANCHOR = 10  # the anchor categories: the first 10 of the seeded order (fewer wh
 
 @dataclass(frozen=True)
 class Cell:
-    """One (K, method) of the sweep; ``name`` is its folder under ``output_dir/cells/``."""
+    """One (K, method, seed) of the sweep; ``name`` starts its folder under ``output_dir/cells/``."""
 
     k: int
     method: str
+    seed: int
 
     @property
     def name(self) -> str:
+        return f"K{self.k}-{self.method}-seed{self.seed}"
+
+    @property
+    def old_name(self) -> str:
+        """The name before sweeps had seeds: a finished cell of the base's seed may be in such a folder."""
         return f"K{self.k}-{self.method}"
 
 
@@ -65,11 +73,12 @@ class SweepSpec:
     methods: list[str]
     budget: str
     output_dir: str
+    seeds: list[int] = field(default_factory=list)
     experiment_overrides: list[str] = field(default_factory=list)
     dataset_categories: list[str] = field(default_factory=list)
 
     def cells(self) -> list[Cell]:
-        return [Cell(k, method) for k in self.categories for method in self.methods]
+        return [Cell(k, method, seed) for k in self.categories for method in self.methods for seed in self.seeds]
 
     def base(self) -> ExperimentConfig:
         return load_config(self.experiment, self.experiment_overrides)
@@ -84,9 +93,9 @@ class SweepSpec:
         factor = self.scale(cell.k)
         steps = max(1, round(t.steps * factor))
         every = min(steps, max(1, round(t.checkpoint_every * factor)))
-        return [f"model.method={cell.method}", f"data.num_categories={cell.k}", f"train.steps={steps}",
-                f"train.checkpoint_every={every}", f"train.vae_steps={round(t.vae_steps * factor)}",
-                f"name={self.name_of(cell)}"]
+        return [f"model.method={cell.method}", f"data.num_categories={cell.k}", f"seed={cell.seed}",
+                f"train.steps={steps}", f"train.checkpoint_every={every}",
+                f"train.vae_steps={round(t.vae_steps * factor)}", f"name={self.name_of(cell)}"]
 
     def name_of(self, cell: Cell) -> str:
         return f"scale {Path(self.output_dir).name} {cell.name}"
@@ -104,6 +113,11 @@ class SweepSpec:
         """The cell's folder under ``output_dir/cells/``: its name and fingerprint, so a cell of other
         settings never takes a finished one's result."""
         return f"{cell.name}-{self.fingerprint(cell)}"
+
+    def old_folder_of(self, cell: Cell) -> str:
+        """Where a sweep written before ``seeds`` existed kept this cell: the same fingerprint (a cell
+        of the base's seed resolves to the same experiment), the name without the seed."""
+        return f"{cell.old_name}-{self.fingerprint(cell)}"
 
     def config(self, cell: Cell, extra: list[str] = ()) -> ExperimentConfig:
         """The cell's whole experiment (``extra``: its output folder, its tracking store)."""
@@ -145,10 +159,23 @@ def _methods(path: Path, value) -> list[str]:
     return list(dict.fromkeys(value))
 
 
+def _seeds(path: Path, value, base_seed: int) -> list[int]:
+    if value is None:
+        return [base_seed]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{path}: seeds must be a non-empty list of seeds, e.g. seeds=[0,1,2], got {value!r}")
+    for seed in value:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"{path}: seeds: every seed must be a non-negative integer, got {seed!r}")
+    return list(dict.fromkeys(value))
+
+
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
     """Read, override and check a sweep file: unknown keys (with the nearest spelling), an empty K
-    list, a K larger than the dataset's category count, an unknown method or budget, and a base
-    experiment or cell that is not valid all fail here with one line."""
+    list, a K larger than the dataset's category count, an unknown method or budget, a bad seed
+    list, and a base experiment or cell that is not valid all fail here with one line."""
     from anomdiff.data.manifest import read_manifest
     from anomdiff.search import experiment_path, read_job_file
 
@@ -165,6 +192,7 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> SweepSpec:
     spec = SweepSpec(experiment=experiment_path(data["experiment"]), categories=counts or [1], methods=methods,
                      budget=budget, output_dir=str(data["output_dir"]), experiment_overrides=experiment_overrides)
     base = spec.base()
+    spec.seeds = _seeds(path, data.get("seeds"), base.seed)
     if not base.data.path:
         raise ValueError("data.path is not set: pass data.path=<a converted dataset>")
     spec.dataset_categories = sorted(read_manifest(base.data.path)["counts"])
