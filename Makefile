@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast test-sd15 lint clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,11 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not sd15"
+
+# The paper-size DiAD on CPUs: two training steps under ZeRO-3, resume, export, evaluate, predict.
+test-sd15: setup
+	$(BIN)/python -m pytest -q -m sd15 -s
 
 lint: setup
 	$(BIN)/ruff check anomdiff pipelines tests

@@ -9,12 +9,18 @@ so on; the file's own sections are merged on top, then ``key=value`` overrides f
 line (values parsed as YAML: ``train.steps=200``, ``model.trainable=[unet,sg]``). The result is
 checked against the dataclasses below before anything starts: an unknown key fails naming the key
 and its nearest valid spelling.
+
+A value that starts with ``${ANOMDIFF_HOME}`` (``output_dir: ${ANOMDIFF_HOME}/demo/run``) names a
+place under the jobs' home folder: the placeholder becomes :func:`anomdiff_home` when the file (or
+an override) is loaded, so every default output follows the ``ANOMDIFF_HOME`` variable (default
+``./.anomdiff``). Any other relative path stays as written.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,25 @@ from anomdiff.models.config import ModelConfig
 from anomdiff.sections import Section, UnknownKeyError, require_at_least
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+HOME_VARIABLE = "ANOMDIFF_HOME"
+HOME = "${" + HOME_VARIABLE + "}"  # the placeholder a config value starts with to mean "under the home folder"
+
+
+def anomdiff_home() -> Path:
+    """The jobs' home folder: ``ANOMDIFF_HOME``, else ``./.anomdiff``, as an absolute path."""
+    return Path(os.environ.get(HOME_VARIABLE, ".anomdiff")).resolve()
+
+
+def expand_home(value: Any) -> Any:
+    """``value`` with a leading ``${ANOMDIFF_HOME}`` (alone or before ``/``) replaced by
+    :func:`anomdiff_home`, in every string of a nested dict or list; anything else unchanged."""
+    if isinstance(value, dict):
+        return {key: expand_home(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [expand_home(item) for item in value]
+    if isinstance(value, str) and (value == HOME or value.startswith(HOME + "/")):
+        return str(anomdiff_home()) + value[len(HOME):]
+    return value
 
 
 @dataclass
@@ -56,6 +81,10 @@ class ZeroConfig(Section):
     offload_params: bool = False
 
 
+# The engine's weights: auto is bf16 on a GPU and float32 on a CPU (DeepSpeed's CPU accelerator has
+# bf16 but no fp16).
+PRECISIONS = ("auto", "bf16", "fp32")
+
 # Ray's placement group strategies, which Ray Train's ScalingConfig passes on.
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
@@ -70,7 +99,8 @@ class TrainConfig(Section):
     ``placement_strategy``: how Ray places the workers' resource bundles (:data:`PLACEMENT_STRATEGIES`;
     ``STRICT_SPREAD`` puts each worker on a node of its own).
     ``selection_image_weight``: checkpoints are kept and exported by ``w x validation image AUROC +
-    (1 - w) x validation pixel AUROC`` (a search that trains sets it from its own metric)."""
+    (1 - w) x validation pixel AUROC`` (a search that trains sets it from its own metric).
+    ``precision``: the engine's weights (:data:`PRECISIONS`); bf16 runs the forward under autocast."""
 
     num_workers: int = 1
     use_gpu: bool = False
@@ -92,7 +122,13 @@ class TrainConfig(Section):
     max_failures: int = 1
     validation_images: int = 64
     selection_image_weight: float = 1.0
+    precision: str = "auto"
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+
+    @property
+    def bf16(self) -> bool:
+        """Whether the engine holds bf16 weights: ``precision`` bf16, or auto on a GPU."""
+        return self.precision == "bf16" or (self.precision == "auto" and self.use_gpu)
 
     def __post_init__(self) -> None:
         require_at_least("train", self, ("num_workers", "batch_size", "grad_accum", "steps", "log_every",
@@ -101,6 +137,8 @@ class TrainConfig(Section):
         for name in ("lr", "vae_lr", "cpus_per_worker", "grad_clip"):
             if not 0 < getattr(self, name) < math.inf:  # nan fails every comparison
                 raise ValueError(f"train.{name} must be a positive finite number, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if not 0 <= self.selection_image_weight <= 1:
             raise ValueError(f"train.selection_image_weight must be in [0, 1], got {self.selection_image_weight}")
         if not 0 <= self.resource_wait_s < math.inf:
@@ -232,7 +270,7 @@ def compose(path: str | Path, overrides: list[str] = ()) -> dict:
         if section not in ("data", "model", "train", "evaluate", "tracking"):
             raise UnknownKeyError(f"compose.{section}", ["data", "model", "train", "evaluate", "tracking"])
         merged[section] = read_yaml(CONF_DIR / section / f"{name}.yaml")
-    return apply_overrides(_merge(merged, data), overrides)
+    return expand_home(apply_overrides(_merge(merged, data), overrides))
 
 
 def apply_overrides(tree: dict, overrides: list[str] = ()) -> dict:

@@ -29,9 +29,11 @@ def decode_base64_image(text: str) -> np.ndarray:
     """A base64-encoded image file as H x W x 3 uint8 (grayscale, RGBA and 16-bit converted)."""
     from anomdiff.data.images import BadSampleError, load_rgb
 
+    if not isinstance(text, str):
+        raise ValueError(f"image: a base64 string is needed, got {type(text).__name__}")
     try:
         data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError, TypeError) as exc:
+    except (binascii.Error, ValueError) as exc:
         raise ValueError(f"image: not base64 ({exc})") from None
     try:
         return np.asarray(load_rgb(io.BytesIO(data)))
@@ -57,8 +59,15 @@ class AnomalyDetector(mlflow.pyfunc.PythonModel):
         self.scorer = ImageScorer(context.artifacts["model"], device="cuda" if torch.cuda.is_available() else "cpu")
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        if "image" not in model_input.columns:
-            raise ValueError(f"the input needs an 'image' column of base64 images; got {list(model_input.columns)}")
+        try:
+            return self._predict(model_input, params)
+        except ValueError as exc:  # the request's fault: a served model answers 400 with this message
+            raise mlflow.exceptions.MlflowException.invalid_parameter_value(str(exc)) from None
+
+    def _predict(self, model_input: pd.DataFrame, params: dict | None) -> pd.DataFrame:
+        if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+            got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
+            raise ValueError(f"the input needs an 'image' column of base64 images; got {got}")
         return_map = bool((params or {}).get("return_map", False))
         categories = (model_input["category"] if "category" in model_input.columns
                       else pd.Series([None] * len(model_input)))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anomdiff.config import CONF_DIR, ExperimentConfig, load_config, parse_override, read_yaml
+from anomdiff.config import CONF_DIR, ExperimentConfig, expand_home, load_config, parse_override, read_yaml
 from anomdiff.models.config import INFERENCE_KEYS, ModelConfig
 from anomdiff.sections import UnknownKeyError
 
@@ -130,7 +130,8 @@ def _metric(path: Path, metric: Any) -> dict[str, float]:
 def read_job_file(path: Path, overrides: list[str], top_keys: tuple[str, ...]) -> tuple[dict, list[str]]:
     """A job file of ``top_keys`` over a base experiment (a search, a sweep) with its command-line
     overrides: a top-level key replaces the file's value, any other dotted key is returned as an
-    override of the base experiment; an unknown key fails naming the nearest spelling."""
+    override of the base experiment; an unknown key fails naming the nearest spelling. A top-level
+    value that starts with ``${ANOMDIFF_HOME}`` is under the home folder (:func:`expand_home`)."""
     data = read_yaml(path)
     experiment_overrides = []
     for item in overrides:
@@ -144,7 +145,7 @@ def read_job_file(path: Path, overrides: list[str], top_keys: tuple[str, ...]) -
     for key in data:
         if key not in top_keys:
             raise UnknownKeyError(key, list(top_keys))
-    return data, experiment_overrides
+    return expand_home(data), experiment_overrides
 
 
 def experiment_path(value: str) -> str:

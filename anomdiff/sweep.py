@@ -8,7 +8,7 @@ the seeds::
     methods: [knn, diad, proad]
     budget: per_category                # or total
     seeds: [0, 1, 2]                    # absent or null: the base experiment's seed alone
-    output_dir: .anomdiff/scale/demo
+    output_dir: ${ANOMDIFF_HOME}/scale/demo     # under ANOMDIFF_HOME (default ./.anomdiff)
 
 Each cell (K, method, seed) is the base experiment with ``model.method=<method>``,
 ``data.num_categories=K`` and ``seed=<seed>``: the first K categories of one seeded order

@@ -2,12 +2,14 @@
 
     python -m pipelines.deepspeed_ops          # run by `make setup`
 
-On a machine without GPU, DeepSpeed loads two C++ ops the first time a worker starts: shared-memory
-collectives (``deepspeed_shm_comm``, built when ``deepspeed.comm`` initialises) and the AdamW kernel
+On a machine without GPU, DeepSpeed loads C++ ops the first time a worker starts: shared-memory
+collectives (``deepspeed_shm_comm``, built when ``deepspeed.comm`` initialises), the AdamW kernel
 (``fused_adam``, built by the ``AdamW`` optimizer of ``pipelines.stage.deepspeed_config``). Built
 there, they cost the first run about two minutes of its time budget; built here, they land in
 torch's extension cache (``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``) and every run
-loads them in seconds. On a GPU machine nothing is built: CUDA ops come with the image or are
+loads them in seconds. A run that offloads its optimizer (``train.zero.offload_optimizer``) also
+needs ``cpu_adam``: it is left to that run (4 minutes on two busy cores), which keeps ``make setup``
+short. On a GPU machine nothing is built: CUDA ops come with the image or are
 compiled by DeepSpeed's own install options.
 """
 

@@ -34,6 +34,11 @@ def _synthesized_with(data: Path) -> dict | None:
             "train_per_category": max(c["train"]["normal"] for c in counts)}
 
 
+def demo_folder() -> Path:
+    """Where the demo writes everything: ``$ANOMDIFF_HOME/demo``."""
+    return tracking.anomdiff_home() / "demo"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="anomdiff demo", description=__doc__.splitlines()[0])
     parser.add_argument("--categories", type=int, default=8)
@@ -45,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_intermixed_args(argv)
     start = time.perf_counter()
 
-    home = tracking.anomdiff_home() / "demo"
+    home = demo_folder()
     data = home / "data"
     print(f"[1/3] synthesizing {args.categories} categories into {data}", flush=True)
     wanted = {"seed": args.seed, "image_size": args.image_size, "categories": args.categories,

@@ -25,8 +25,9 @@ as mean and spread over the categories, the anchor categories' AUROC, what train
 wall time, training images seen, knn's bank rows), the denoiser's training images/s, evaluation
 images/s, rank 0's peak worker memory, trained parameters and every value the exported model
 holds), ``scaling.json`` (those rows and each method's drop of the anchor categories' AUROC from
-the smallest to the largest K), figures in ``figures/``, and an MLflow parent run with a child run
-per cell.
+the smallest to the largest K), figures in ``figures/``, and an MLflow parent run, opened before
+the first cell, with a child run per cell logged from the driver at the end; each cell's training
+and evaluation runs are children of the same parent run, in the same store.
 """
 
 from __future__ import annotations
@@ -109,8 +110,14 @@ def _cost(cfg, model) -> dict:
     return {"images_seen": _training_images(cfg), "bank_patches": int(len(model.memory))}
 
 
-def run_cell(spec: SweepSpec, cell: Cell, separate_store: bool) -> dict:
-    """Train and evaluate one cell in ``output_dir/cells/<cell>/``; writes and returns its result."""
+def run_cell(spec: SweepSpec, cell: Cell, parent_run: str | None = None) -> dict:
+    """Train and evaluate one cell in ``output_dir/cells/<cell>/``; writes and returns its result. Its
+    training and evaluation runs are children of the sweep's run ``parent_run``."""
+    with tracking.nested_under(parent_run):
+        return _run_cell(spec, cell)
+
+
+def _run_cell(spec: SweepSpec, cell: Cell) -> dict:
     import resource
 
     from anomdiff.models import load_model
@@ -119,10 +126,9 @@ def run_cell(spec: SweepSpec, cell: Cell, separate_store: bool) -> dict:
     folder = Path(spec.output_dir) / "cells" / spec.folder_of(cell)
     folder.mkdir(parents=True, exist_ok=True)
     runtime.record_launch(spec.output_dir, cell.name)
-    store = tracking.own_sqlite_store(folder) if separate_store else []
     # A cell's model is a measurement, not a registry candidate.
     cfg = spec.config(cell, [f"output_dir={folder / 'run'}", "tracking.registered_model=null",
-                             "tracking.log_model=false", *store])
+                             "tracking.log_model=false"])
     timing = folder / TRAIN_TIME
     if timing.is_file() and (folder / "run" / "model").is_dir():  # trained before: only the evaluation failed
         train.preflight(cfg)  # the same experiment as the model's
@@ -134,6 +140,8 @@ def run_cell(spec: SweepSpec, cell: Cell, separate_store: bool) -> dict:
         train_s = time.perf_counter() - tick
         write_json_atomic(timing, {"train_s": train_s})
     tick = time.perf_counter()
+    # The evaluation logs to the sweep's store and experiment, where its run nests under the sweep's run.
+    store = [f"tracking.tracking_uri={cfg.tracking.tracking_uri}"] if cfg.tracking.tracking_uri else []
     doc = evaluate.evaluate(str(folder / "run" / "model"), cfg.data.path, str(folder / "evaluation"),
                             [f"evaluate.batch_size={cfg.evaluate.batch_size}", f"use_gpu={cfg.train.use_gpu}",
                              f"tracking.experiment={cfg.tracking.experiment}", *store])
@@ -156,9 +164,9 @@ def run_cell(spec: SweepSpec, cell: Cell, separate_store: bool) -> dict:
 
 
 @ray.remote(num_cpus=0.01, max_retries=0, max_calls=1)  # a fresh process per cell: its own peak RSS
-def cell_task(spec: SweepSpec, cell: Cell, separate_store: bool) -> dict:
+def cell_task(spec: SweepSpec, cell: Cell, parent_run: str | None) -> dict:
     """A cell as a Ray task: it only waits on its Ray Train run, whose workers reserve their own CPUs."""
-    return run_cell(spec, cell, separate_store)
+    return run_cell(spec, cell, parent_run)
 
 
 # --- the driver --------------------------------------------------------------------------------
@@ -210,8 +218,8 @@ def _sweep(spec: SweepSpec, address: str | None) -> list[dict]:
     tracking.check_server(base.tracking)
     runtime.start_ray(address)
     out.mkdir(parents=True, exist_ok=True)
-    tracking.use_experiment(base.tracking)  # the store exists before any cell could touch it
-    separate = tracking.uses_sqlite(base.tracking)
+    # The store exists before any cell could touch it, with the sweep's run that the cells' runs nest under.
+    parent = _sweep_run(base, out)
     cells = spec.cells()
     todo = [c for c in cells if read_result(spec, c) is None]
     at_once = concurrency(base)
@@ -225,7 +233,7 @@ def _sweep(spec: SweepSpec, address: str | None) -> list[dict]:
     while queue or pending:
         while queue and len(pending) < at_once:
             cell = queue.pop(0)
-            pending[cell_task.remote(spec, cell, separate)] = cell
+            pending[cell_task.remote(spec, cell, parent.run_id)] = cell
         ready, _ = ray.wait(list(pending), num_returns=1)
         cell = pending.pop(ready[0])
         try:
@@ -476,10 +484,16 @@ def _figures(spec: SweepSpec, rows: list[dict], drops: dict, results: list[dict]
     return paths
 
 
+def _sweep_run(base, out: Path) -> tracking.RunRef:
+    """The sweep's MLflow run (created once, ``out/mlflow_run_id``; a rerun reopens it)."""
+    return tracking.open_job_run(base.tracking, f"scale {out.name}", out / "mlflow_run_id",
+                                 tags={"anomdiff.job": "scale"})
+
+
 def _log(spec: SweepSpec, base, cells: list[dict], out: Path, files: list[Path]) -> None:
-    """A parent run for the sweep and a nested child run per cell (per seed), logged from the driver only."""
-    ref = tracking.open_job_run(base.tracking, f"scale {out.name}", out / "mlflow_run_id",
-                                tags={"anomdiff.job": "scale"})
+    """The sweep's parent run: its summary and a nested child run per cell (per seed; beside the
+    cells' own training and evaluation runs), logged from the driver only."""
+    ref = _sweep_run(base, out)
     with tracking.resume(ref) as active:
         if active is None:
             return

@@ -20,8 +20,8 @@ from pipelines import tracking
 
 def deepspeed_config(cfg: ExperimentConfig, lr: float, stage: int, steps: int, zero_extra: dict | None = None) -> dict:
     """DeepSpeed config for one engine: AdamW (cosine or constant rate over ``steps``), ZeRO
-    ``stage`` (``zero_extra`` merged into ``zero_optimization``), bf16 on GPU and fp32 on CPU (the
-    CPU accelerator has no fp16)."""
+    ``stage`` (``zero_extra`` merged into ``zero_optimization``), bf16 or fp32 weights as
+    ``train.precision`` says (the CPU accelerator has no fp16)."""
     t = cfg.train
     zero: dict = {"stage": stage}
     if t.zero.offload_optimizer and stage > 0:
@@ -38,7 +38,7 @@ def deepspeed_config(cfg: ExperimentConfig, lr: float, stage: int, steps: int, z
                           "params": {"total_num_steps": steps, "warmup_num_steps": max(1, steps // 10)}}}
            if t.schedule == "cosine" else {}),
         "zero_optimization": zero,
-        "bf16": {"enabled": t.use_gpu},
+        "bf16": {"enabled": t.bf16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

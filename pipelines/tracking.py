@@ -4,7 +4,10 @@ every run records.
 The tracking store is ``MLFLOW_TRACKING_URI`` when set, else the config's ``tracking.tracking_uri``,
 else SQLite under ``ANOMDIFF_HOME`` (default ``./.anomdiff/mlflow.db``), with artifacts beside it.
 A job opens its run once on the driver (:func:`open_job_run`) and hands the small :class:`RunRef`
-to whoever logs into it later (Ray workers included): :func:`resume` reopens it there.
+to whoever logs into it later (Ray workers included): :func:`resume` reopens it there. A search or
+sweep opens its own run first and runs each trial or cell :func:`nested_under` it, so the job runs
+that the trial or cell opens in its own process are that run's children (``mlflow.parentRunId``)
+in the same store.
 """
 
 from __future__ import annotations
@@ -19,12 +22,7 @@ from pathlib import Path
 import mlflow
 import yaml
 
-from anomdiff.config import ExperimentConfig, TrackingConfig
-
-
-def anomdiff_home() -> Path:
-    return Path(os.environ.get("ANOMDIFF_HOME", ".anomdiff")).resolve()
-
+from anomdiff.config import ExperimentConfig, TrackingConfig, anomdiff_home
 
 # The URIs that this process wrote into MLFLOW_TRACKING_URI (``mlflow.set_tracking_uri`` does) in
 # place of what the variable held: the variable is the user's choice only when it holds something
@@ -70,19 +68,6 @@ def check_server(cfg: TrackingConfig, timeout_s: float = 5.0) -> None:
                          "ANOMDIFF_HOME") from None
 
 
-def own_sqlite_store(folder: Path) -> list[str]:
-    """Send this process's MLflow logging to a SQLite file in ``folder`` (a search trial, a sweep
-    cell: parallel writers lock a shared SQLite file); returns the config override that says so.
-    The variable is set too, so the file wins over a user's MLFLOW_TRACKING_URI in this process."""
-    uri = f"sqlite:///{Path(folder) / 'mlflow.db'}"
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    return [f"tracking.tracking_uri={uri}"]
-
-
-def uses_sqlite(cfg: TrackingConfig) -> bool:
-    return tracking_uri(cfg.tracking_uri).startswith("sqlite:")
-
-
 def point_at_store(cfg: TrackingConfig) -> str:
     """Point MLflow at the store of a ``tracking`` section (no experiment needed: registry commands)."""
     uri = tracking_uri(cfg.tracking_uri)
@@ -112,14 +97,40 @@ class RunRef:
         return asdict(self)
 
 
+PARENT_RUN = "ANOMDIFF_PARENT_RUN_ID"  # set by nested_under: the run this process's job runs are children of
+
+
+@contextmanager
+def nested_under(run_id: str | None) -> Iterator[None]:
+    """For the block, every new run :func:`open_job_run` creates in this process is a child of
+    ``run_id`` (its ``mlflow.parentRunId`` tag): how a search's trial or a sweep's cell, in a process
+    of its own, nests its training and evaluation runs under the search's or sweep's run, which must
+    be in the same store. ``None``: no change."""
+    if run_id is None:
+        yield
+        return
+    before = os.environ.get(PARENT_RUN)
+    os.environ[PARENT_RUN] = run_id
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PARENT_RUN, None)
+        else:
+            os.environ[PARENT_RUN] = before
+
+
 def open_job_run(cfg: TrackingConfig, name: str, run_id_file: Path | None = None,
                  experiment: ExperimentConfig | None = None, tags: dict[str, str] | None = None) -> RunRef:
     """Create the job's run, or resume the one whose id ``run_id_file`` holds (a resumed job logs
     into the same run). A new run records ``experiment`` (params + ``config.yaml``) and ``tags``
-    (links to the runs, models and data it came from)."""
+    (links to the runs, models and data it came from), and is a child of the run
+    :func:`nested_under` names, if any."""
     uri = use_experiment(cfg)
     run_id = run_id_file.read_text().strip() if run_id_file is not None and run_id_file.is_file() else None
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name) as active:
+    parent = os.environ.get(PARENT_RUN) if run_id is None else None
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name,
+                          tags={"mlflow.parentRunId": parent} if parent else None) as active:
         if run_id_file is not None:
             run_id_file.write_text(active.info.run_id)
         if run_id is None:

@@ -21,6 +21,7 @@ validation and one checkpoint) -> export of the best checkpoint as one safetenso
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import tempfile
 import time
@@ -39,7 +40,7 @@ from anomdiff.config import ExperimentConfig, load_config, save_config
 from anomdiff.lock import LOCK_FILE, hold_folder
 from anomdiff.models import model_class
 from anomdiff.models.pretrained import pretrained_problems
-from pipelines import autoscaling, registry, runtime, stage, tracking
+from pipelines import autoscaling, checkpoints, registry, runtime, stage, tracking
 from pipelines.autoscaling import autoscaler_ceiling
 from pipelines.data import DataSpec, EveryRowDataConfig, train_dataset, validation_dataset, validation_ids
 
@@ -50,9 +51,11 @@ def with_selection(result: dict, image_weight: float) -> dict:
     """A validation result with its selection score (:data:`SELECTION_METRIC`)."""
     pixel = result["val_pixel_auroc"] if result.get("val_pixel_auroc") is not None else result["val_image_auroc"]
     return {**result, SELECTION_METRIC: image_weight * result["val_image_auroc"] + (1 - image_weight) * pixel}
-STATE_FILE = "train_state.json"
+STATE_FILE = checkpoints.STATE_FILE
+RAY_RUN = "ray"  # Ray Train's run folder in output_dir: one folder per checkpoint
 RESOLVED_CONFIG = "config.yaml"
 PLACEMENT_GROUP = "placement_group"
+PLACEMENT_GROUP_FILE = "placement_group.id"  # the workers' placement group, written by rank 0 as it starts
 WORKER_PEAK_RSS = "worker_peak_rss_mb"
 LOGGED_MODEL = "mlflow_model.json"  # where the run's model went in MLflow: a finished run is not logged twice
 
@@ -177,6 +180,8 @@ def train_worker(config: dict) -> None:
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
     tracked = rank == 0
+    if tracked:
+        _record_placement_group(config["storage"])
     runs = ExitStack()
     if tracked:
         runs.enter_context(tracking.resume(config["mlflow"]))
@@ -185,11 +190,8 @@ def train_worker(config: dict) -> None:
     train_batches = stage.training_batches(ray.train.get_dataset_shard("train"), cfg, device)
     validation_shard = ray.train.get_dataset_shard("validation")
 
-    start_step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            start_step = json.loads((Path(directory) / STATE_FILE).read_text())["step"]
+    checkpoint = _resume_point(rank, config["storage"])
+    start_step = checkpoints.step_of(checkpoint) if checkpoint is not None else 0
 
     if cfg.train.vae_steps and "vae" in model.stages and checkpoint is None:
         # Stage 1 (DiAD Sec. 4.1): fine-tune the autoencoder on normal images. The VAE is small, so
@@ -204,8 +206,8 @@ def train_worker(config: dict) -> None:
     model.set_stage("denoiser")
     engine = stage.initialize(model, cfg, cfg.train.lr, cfg.train.zero.stage, cfg.train.steps)
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory, stage.weights_only_loads():
-            engine.load_checkpoint(directory, tag="ds")
+        with stage.weights_only_loads():
+            engine.load_checkpoint(str(checkpoint), tag="ds")
         if rank == 0:
             stage.progress(f"[train] resumed from the step-{start_step} checkpoint")
 
@@ -221,10 +223,13 @@ def train_worker(config: dict) -> None:
         result = with_selection(_pooled_validation(part, rank), cfg.train.selection_image_weight)
         engine.train()
         metrics = {"step": step, **{k: v for k, v in result.items() if k != "score_range"}, **_placement()}
-        with tempfile.TemporaryDirectory() as directory:
+        with tempfile.TemporaryDirectory() as directory, _stopping_on_a_full_disk(directory, config["storage"]):
             engine.save_checkpoint(directory, tag="ds")
             if rank == 0:
-                write_json_atomic(Path(directory) / STATE_FILE, {"step": step, **result, **_peak_rss()})
+                ranks = ray.train.get_context().get_world_size()
+                write_json_atomic(Path(directory) / STATE_FILE,
+                                  {"step": step, **result, **_peak_rss(), "sealed_ranks": ranks})
+            checkpoints.seal(directory, rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
         if rank == 0:
             _report_validation(step, result)
@@ -235,6 +240,40 @@ def train_worker(config: dict) -> None:
         stage.run_stage(engine, engine, train_batches, start_step, cfg.train.steps, cfg, "denoiser",
                         checkpoint_and_report)
     runs.close()
+
+
+def _resume_point(rank: int, storage: str) -> Path | None:
+    """The checkpoint this run resumes from: Ray Train's latest when it is whole, else the newest
+    whole one in the run's folder (:mod:`pipelines.checkpoints`); rank 0 chooses, every rank follows."""
+    import torch.distributed as dist
+
+    choice = [None]
+    if rank == 0:
+        latest = ray.train.get_checkpoint()  # its folder itself: the run's storage is a local or mounted path
+        run = Path(storage) / RAY_RUN
+        chosen = checkpoints.newest_whole(run, latest.path if latest else None, say=stage.progress)
+        if chosen is None and (latest is not None or checkpoints.saved_in(run)):
+            choice = [f"no whole checkpoint in {run}; move that folder aside to train from the start"]
+        else:
+            choice = [str(chosen) if chosen else None]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    if choice[0] is not None and not Path(choice[0]).is_dir():
+        raise checkpoints.DamagedCheckpoints(choice[0])
+    return Path(choice[0]) if choice[0] else None
+
+
+@contextmanager
+def _stopping_on_a_full_disk(staging: str, storage: str):
+    """A checkpoint write that runs out of space (in the staging folder or the run's storage) ends
+    as one ``ENOSPC`` naming where; the previous checkpoint, in a folder of its own, is untouched."""
+    try:
+        yield
+    except Exception as exc:
+        where = checkpoints.full_disk(exc, [staging, storage])
+        if where is None:
+            raise
+        raise OSError(errno.ENOSPC, "no space left on the device while writing a checkpoint", where) from exc
 
 
 def bank_worker(config: dict) -> None:
@@ -255,6 +294,8 @@ def bank_worker(config: dict) -> None:
         return
     cfg = ExperimentConfig.from_dict(config["experiment"])
     rank = ray.train.get_context().get_world_rank()
+    if rank == 0:
+        _record_placement_group(config["storage"])
     device = ray.train.torch.get_device()
     model = build_model(cfg.model, len(config["categories"])).to(device).eval()
     reservoirs: dict[int, CategoryReservoir] = {}
@@ -288,7 +329,8 @@ def bank_worker(config: dict) -> None:
             result = with_selection(validate(model, validation, max_images=None, seed=cfg.seed),  # the set is chosen
                                     cfg.train.selection_image_weight)
             model.save(Path(directory) / "model")
-            write_json_atomic(Path(directory) / STATE_FILE, {"step": 0, **result, **_peak_rss()})
+            write_json_atomic(Path(directory) / STATE_FILE, {"step": 0, **result, **_peak_rss(), "sealed_ranks": 1})
+            checkpoints.seal(directory, 0)
             shared = [{"step": 0, **{k: v for k, v in result.items() if k != "score_range"}, **_placement()}]
             _report_validation(0, result, config["mlflow"])
         if distributed:
@@ -310,6 +352,16 @@ def _placement() -> dict[str, str]:
     early releases it by this id (ray-project/ray#54305 leaves it reserved otherwise)."""
     group = ray.util.get_current_placement_group()
     return {PLACEMENT_GROUP: group.id.hex()} if group is not None else {}
+
+
+def _record_placement_group(folder: str) -> None:
+    """Write the worker group's placement group id to ``folder/placement_group.id`` as the workers
+    start: a search that stops this run before its first report still finds the group to release."""
+    from anomdiff.atomic import write_text_atomic
+
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        write_text_atomic(Path(folder) / PLACEMENT_GROUP_FILE, group.id.hex())
 
 
 def _pooled_validation(part: dict, rank: int) -> dict:
@@ -427,20 +479,30 @@ def _train(cfg: ExperimentConfig, spec: DataSpec, out: Path, callbacks: list | N
                                  checkpoint_score_order="max")
     trainer = TorchTrainer(
         bank_worker if gradient_free else train_worker,
-        train_loop_config={"experiment": cfg.to_dict(), "categories": categories, "mlflow": run_ref.to_dict()},
+        train_loop_config={"experiment": cfg.to_dict(), "categories": categories, "mlflow": run_ref.to_dict(),
+                           "storage": str(out)},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=per_worker,
                                      placement_strategy=t.placement_strategy),
-        run_config=RunConfig(name="ray", storage_path=str(out), checkpoint_config=keep_best,
+        run_config=RunConfig(name=RAY_RUN, storage_path=str(out), checkpoint_config=keep_best,
                              failure_config=FailureConfig(max_failures=t.max_failures), callbacks=callbacks),
         datasets=datasets,
         # The gradient path splits the validation set too: every rank scores its share at a checkpoint.
         dataset_config=EveryRowDataConfig(datasets_to_split=["train"]) if gradient_free
         else DataConfig(datasets_to_split=["train", "validation"]),
     )
-    result = trainer.fit()
-    best_checkpoint, _ = max(result.best_checkpoints, key=lambda pair: pair[1][SELECTION_METRIC])
-    with best_checkpoint.as_directory() as directory:
-        metadata = export_model(cfg, categories, Path(directory), out / "model", validation_counts)
+    checkpoints.set_aside_unreadable_record(out / RAY_RUN)
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        actionable = checkpoints.user_error(exc, out)  # one line for the person, not Ray's traceback
+        if actionable is None:
+            raise
+        raise actionable from None
+    best = checkpoints.best_whole(out / RAY_RUN, SELECTION_METRIC)
+    if best is None:
+        raise checkpoints.DamagedCheckpoints(f"no whole checkpoint in {out / RAY_RUN} to export; move that folder "
+                                             "aside to train from the start")
+    metadata = export_model(cfg, categories, best, out / "model", validation_counts)
     print(f"exported the step-{metadata['step']} model (validation image AUROC {metadata['val_image_auroc']:.3f}, "
           f"pixel AUROC {metadata['val_pixel_auroc']:.3f}; selected by {SELECTION_METRIC} "
           f"{metadata[SELECTION_METRIC]:.3f}) to {out / 'model'}")

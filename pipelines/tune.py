@@ -1,6 +1,6 @@
 """Hyperparameter search on Ray Tune, over training-time or inference-time keys, on the validation set.
 
-    anomdiff tune --config conf/tune/inference.yaml model=.anomdiff/demo/run/model
+    anomdiff tune --config conf/tune/inference.yaml model='${ANOMDIFF_HOME}/demo/run/model'
     anomdiff tune --config conf/tune/training.yaml data.path=DATA num_trials=8
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python -m pipelines.tune --config conf/tune/training.yaml data.path=/data/realiad
@@ -13,7 +13,9 @@ with the one exported model, which the driver loads once and puts in the object 
 decoded validation images. Optuna's TPE proposes configurations (Ray's default search for spaces
 with ``grid`` values, which Optuna does not take). The same command resumes an interrupted search
 without rerunning finished trials. Results: ``trials.csv``, a ranking, figures, ``best.yaml`` or
-``best_model/``, and an MLflow parent run with a child run per trial, all logged from the driver.
+``best_model/``, and an MLflow parent run, opened before the first trial, with a child run per
+trial logged from the driver at the end; a training trial's own training run (and its stages'
+runs under it) is a child of the same parent run, in the same store.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from anomdiff.lock import hold_folder
 from anomdiff.search import SearchSpec, load_search, nested, yaml_value
 from pipelines import autoscaling, runtime, tracking
 from pipelines.data import DataSpec, validation_dataset
-from pipelines.train import PLACEMENT_GROUP, RESOLVED_CONFIG
+from pipelines.train import PLACEMENT_GROUP, PLACEMENT_GROUP_FILE, RESOLVED_CONFIG
 
 OBJECTIVE = "objective"
 
@@ -89,38 +91,54 @@ def image_weight(metric: dict[str, float]) -> float:
     return metric.get("val_image_auroc", 0.0) / sum(metric.values())
 
 
+def trial_folder(out: str | Path, trial_id: str) -> Path:
+    """Where a training trial of the search in ``out`` trains: ``out/trials/<trial>/``."""
+    return Path(out) / "trials" / trial_id
+
+
 def training_trial(params: dict, base: dict | None = None, metric=None, out: str = "",
-                   separate_stores: bool = False) -> None:
-    """One training run of the base experiment with ``params``, in ``out/trials/<trial>/``."""
+                   parent_run: str | None = None) -> None:
+    """One training run of the base experiment with ``params``, in ``out/trials/<trial>/``; its MLflow
+    run is a child of the search's run ``parent_run``."""
     from pipelines import train
 
     trial = _record_launch(out)
-    folder = Path(out) / "trials" / trial
+    folder = trial_folder(out, trial)
     # A trial's model is not a registry candidate (best.yaml's training is).
     # Its checkpoints are kept and exported by the search's own metric.
     overrides = [f"{k}={yaml_value(v)}" for k, v in params.items()] + [f"output_dir={folder}",
                                                                        "tracking.registered_model=null",
                                                                        "tracking.log_model=false",
                                                                        f"train.selection_image_weight={image_weight(metric)}"]
-    if separate_stores:
-        overrides += tracking.own_sqlite_store(folder)
     cfg = ExperimentConfig.from_dict(apply_overrides(base, overrides))
-    train.run(cfg, callbacks=[ReportObjective(metric)])
+    with tracking.nested_under(parent_run):
+        train.run(cfg, callbacks=[ReportObjective(metric)])
 
 
 class ReleaseStoppedTrainWorkers(tune.Callback):
-    """When a training trial ends (finished, stopped by ASHA, failed), remove the placement group its
-    Ray Train workers reported: on Ray 2.60 a stopped trial's group can stay reserved and starve the
-    trials after it (ray-project/ray#54305). A group that is already gone is left alone."""
+    """When a training trial ends (finished, stopped by ASHA, failed), remove the placement group of
+    its Ray Train workers: on Ray 2.60 a stopped trial's group can stay reserved and starve the
+    trials after it (ray-project/ray#54305). The group is known from the file its workers' rank 0
+    writes in the trial's folder as it starts (``PLACEMENT_GROUP_FILE``), so a trial stopped before
+    its first report (in a VAE stage, say) is released too, and from its last report. A group that
+    is already gone is left alone."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+
+    def _groups(self, trial) -> set[str]:
+        groups = {(trial.last_result or {}).get(PLACEMENT_GROUP)}
+        recorded = trial_folder(self.out, trial.trial_id) / PLACEMENT_GROUP_FILE
+        if recorded.is_file():
+            groups.add(recorded.read_text().strip())
+        return {g for g in groups if g}
 
     def _release(self, trial) -> None:
-        group_id = (trial.last_result or {}).get(PLACEMENT_GROUP)
-        if not group_id:
-            return
         from ray.util.placement_group import PlacementGroup, placement_group_table
 
-        if placement_group_table().get(group_id, {}).get("state") not in (None, "REMOVED"):
-            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+        for group_id in self._groups(trial):
+            if placement_group_table().get(group_id, {}).get("state") not in (None, "REMOVED"):
+                ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._release(trial)
@@ -225,7 +243,8 @@ def _search(spec: SearchSpec, address: str | None) -> dict:
     if model is not None:
         model.eval()
     runtime.start_ray(address)  # out exists: _same_search made it
-    tracking.use_experiment(cfg.tracking)  # the store exists before any trial could touch it
+    # The store exists before any trial could touch it, with the search's run that the trials' runs nest under.
+    parent = _search_run(spec, cfg, out)
     param_space = {key: _distribution(d.kind, d.args) for key, d in spec.space.items()}
     if spec.inference_time:
         batches = _validation_batches(spec, cfg, model)
@@ -239,14 +258,13 @@ def _search(spec: SearchSpec, address: str | None) -> dict:
         # Each run's workers, and a CPU for its Parquet reads (Ray Data's read tasks take a whole one).
         need = {"CPU": t.num_workers * t.cpus_per_worker + max(1.0, cfg.data.decode_cpus),
                 "GPU": float(t.num_workers) if t.use_gpu else 0.0}
-        separate = tracking.uses_sqlite(cfg.tracking)
         trainable = tune.with_parameters(training_trial, base=cfg.to_dict(), metric=spec.metric, out=str(out),
-                                         separate_stores=separate)
+                                         parent_run=parent.run_id)
         # max_t past the last step: ASHA stops a trial that reaches max_t, before it could export its model.
         scheduler = (tune.schedulers.ASHAScheduler(time_attr="step", max_t=t.steps + 1, grace_period=t.checkpoint_every,
                                                    reduction_factor=spec.reduction_factor)
                      if spec.scheduler == "asha" and t.checkpoint_every < t.steps else None)
-        callbacks = [ReleaseStoppedTrainWorkers()]
+        callbacks = [ReleaseStoppedTrainWorkers(out)]
     trial_resources = {"CPU": 1.0, **({"GPU": 1.0} if cfg.train.use_gpu else {})} if spec.inference_time \
         else {"CPU": 0.01}  # a training trial only waits on its Ray Train run, whose workers reserve their own
     trainable = tune.with_resources(trainable, trial_resources)
@@ -386,11 +404,17 @@ def _figures(spec: SearchSpec, rows: list[dict], folder: Path) -> dict[str, Path
     return paths
 
 
+def _search_run(spec: SearchSpec, cfg: ExperimentConfig, out: Path) -> tracking.RunRef:
+    """The search's MLflow run (created once, ``out/mlflow_run_id``; a resumed search reopens it)."""
+    return tracking.open_job_run(cfg.tracking, f"tune {Path(spec.output_dir).name}", out / "mlflow_run_id",
+                                 tags={"anomdiff.job": "tune"})
+
+
 def _log(spec: SearchSpec, cfg: ExperimentConfig, rows: list[dict], best: dict, out: Path, files: list[Path],
          artifact: Path) -> None:
-    """A parent run for the search and a nested child run per trial, logged from the driver only."""
-    ref = tracking.open_job_run(cfg.tracking, f"tune {Path(spec.output_dir).name}", out / "mlflow_run_id",
-                                tags={"anomdiff.job": "tune"})
+    """The search's parent run: its summary and a nested child run per trial (beside the trials'
+    own training runs), logged from the driver only."""
+    ref = _search_run(spec, cfg, out)
     with tracking.resume(ref) as active:
         if active is None:
             return

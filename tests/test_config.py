@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from anomdiff.config import CONF_DIR, ExperimentConfig, compose, load_config, parse_override
@@ -116,3 +118,40 @@ def test_a_config_error_survives_the_trip_from_a_ray_worker():
         ExperimentConfig.from_dict({"train": {"stpes": 1}})
     again = pickle.loads(pickle.dumps(raised.value))
     assert isinstance(again, UnknownKeyError) and str(again) == str(raised.value) and again.suggestion == "steps"
+
+
+def test_every_jobs_default_output_goes_under_anomdiff_home(tmp_path, monkeypatch):
+    """The conf files' ``${ANOMDIFF_HOME}/...`` defaults, the demo's folder, evaluate's folder for a
+    registry model and the MLflow store all follow ANOMDIFF_HOME; an explicit path stays as given."""
+    from anomdiff.data.synthetic import synthesize
+    from anomdiff.models import build_model
+    from anomdiff.search import load_search
+    from anomdiff.sweep import load_sweep
+    from pipelines import demo, evaluate, tracking
+
+    home = tmp_path / "elsewhere" / "home"
+    monkeypatch.setenv("ANOMDIFF_HOME", str(home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # not ./.anomdiff of the working directory
+    synthesize(home / "demo" / "data", 2, seed=0, image_size=32, train_per_category=4, test_per_category=2,
+               workers=1)
+    cfg = load_config(DEMO)  # train's defaults: the demo dataset in, the run out
+    assert (cfg.data.path, cfg.output_dir) == (str(home / "demo" / "data"), str(home / "demo" / "run"))
+    assert demo.demo_folder() == home / "demo"
+    assert load_search(CONF_DIR / "tune" / "training.yaml").output_dir == str(home / "tune" / "training")
+    build_model(cfg.model, 2).save(home / "demo" / "run" / "model", metadata={"categories": ["a", "b"]})
+    inference = load_search(CONF_DIR / "tune" / "inference.yaml", ["model=${ANOMDIFF_HOME}/demo/run/model"])
+    assert (inference.output_dir, inference.model) == (str(home / "tune" / "inference"),
+                                                       str(home / "demo" / "run" / "model"))
+    sweep = load_sweep(CONF_DIR / "scale" / "synthetic.yaml")
+    assert sweep.output_dir == str(home / "scale" / "synthetic") and sweep.base().data.path == cfg.data.path
+    assert evaluate.report_folder("models:/m@champion", None) == home / "evaluations" / "models-m-champion"
+    assert evaluate.report_folder("some/run/model", None) == Path("some/run/evaluation")  # beside the model
+    assert tracking.tracking_uri() == f"sqlite:///{home / 'mlflow.db'}"
+    assert not (tmp_path / ".anomdiff").exists()
+
+    # What the user writes stays as written (resolved against the working directory by the job).
+    assert load_config(DEMO, ["output_dir=runs/x", "data.path=data"]).output_dir == "runs/x"
+    assert load_search(CONF_DIR / "tune" / "training.yaml", ["output_dir=runs/t"]).output_dir == "runs/t"
+    monkeypatch.delenv("ANOMDIFF_HOME")  # unset: ./.anomdiff
+    assert load_config(DEMO, ["data.path=data"]).output_dir == str(tmp_path / ".anomdiff" / "demo" / "run")

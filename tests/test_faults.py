@@ -186,3 +186,55 @@ def test_a_full_disk_is_one_line_leaves_nothing_and_the_rerun_completes(tmp_path
     assert error.startswith(f"anomdiff: error: {disk}/data/category=") and "no space left on the device" in error
     assert first.split()[1:] == []  # nothing left on the full disk
     assert second.split() == ["0", "data"], done.stdout + done.stderr
+
+
+TRAINING_ON_A_FILLING_DISK = """
+set -u
+mount -t tmpfs -o size=200m anomdiff-full {disk}
+( while ! ls {disk}/run/ray/checkpoint_*/train_state.json > /dev/null 2>&1; do sleep 0.1; done
+  dd if=/dev/zero of={disk}/filler bs=1M > /dev/null 2>&1 ) &
+{train} > {disk}.log 2>&1
+echo "status $?"
+wait
+rm {disk}/filler
+{train} > {disk}.rerun.log 2>&1
+echo "status $?"
+"""
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_during_training_stops_it_with_one_line_and_the_rerun_resumes(tmp_path):
+    """``anomdiff train`` (2 workers, ZeRO-3) writing onto a tmpfs that another writer fills once the
+    step-2 checkpoint is in: the step-4 checkpoint cannot be written. The job stops with one line,
+    the step-2 checkpoint is whole, and the same command, once space is freed, resumes from it,
+    passes over the cut-short writes and exports."""
+    import shutil
+
+    from anomdiff.data.synthetic import synthesize
+
+    unshare = shutil.which("unshare")
+    probe = [unshare, "--user", "--map-root-user", "--mount", "true"] if unshare else None
+    if probe is None or subprocess.run(probe, capture_output=True).returncode != 0:
+        pytest.skip("needs unshare(1) and unprivileged user namespaces to mount a small tmpfs")
+    synthesize(tmp_path / "data", 3, seed=1, image_size=32, train_per_category=10, test_per_category=4, workers=1)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    overrides = [f"data.path={tmp_path / 'data'}", f"output_dir={disk / 'run'}", "model.image_size=32",
+                 "model.vae.sample_size=32", "model.unet.sample_size=8", "model.diffusion.ddim_steps=2",
+                 "train.batch_size=4", "train.steps=4", "train.checkpoint_every=2", "train.vae_steps=2",
+                 "train.validation_images=4", "data.validation_fraction=0.2", "train.num_workers=2",
+                 "train.zero.stage=3", "train.max_failures=0",
+                 f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    train = " ".join([str(Path(sys.executable).parent / "anomdiff"), "train", "--config",
+                      str(TESTS.parent / "conf" / "experiment" / "demo.yaml"), *overrides])
+    done = subprocess.run([unshare, "--user", "--map-root-user", "--mount", "sh", "-c",
+                           TRAINING_ON_A_FILLING_DISK.format(disk=disk, train=train)],
+                          capture_output=True, text=True, timeout=600)
+    first, second = (status.split()[0] for status in done.stdout.split("status ")[1:])
+    log = (tmp_path / "disk.log").read_text()
+    errors = [line for line in log.splitlines() if line.startswith("anomdiff: error:")]
+    assert first == "2" and errors == [f"anomdiff: error: {disk / 'run'}: no space left on the device; free some "
+                                       "space and run the same command again"], log[-3000:]
+    rerun = (tmp_path / "disk.rerun.log").read_text()
+    assert second == "0", rerun[-3000:]
+    assert "resumed from the step-2 checkpoint" in rerun and "exported the step-4 model" in rerun

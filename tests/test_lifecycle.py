@@ -7,12 +7,10 @@ import csv
 import io
 import json
 import os
-import signal
-import socket
+import struct
 import subprocess
 import sys
-import time
-import urllib.request
+import zlib
 from pathlib import Path
 
 import mlflow
@@ -233,47 +231,58 @@ def test_bad_input_is_one_line_naming_what_is_wrong(store, tmp_path, capsys, arg
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def bomb_png(side: int = 50_000) -> bytes:
+    """A PNG whose header claims ``side`` x ``side`` pixels (2.5 G) in a few dozen bytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def request_body(images: list, columns=("image",), **params) -> bytes:
+    return json.dumps({"dataframe_split": {"columns": list(columns), "data": [[i] for i in images]},
+                       **({"params": params} if params else {})}).encode()
 
 
 @pytest.mark.slow
-def test_the_served_champion_answers_as_predict_does(store, tmp_path):
+def test_the_served_champion_answers_as_predict_does_and_bad_requests_get_400(store, tmp_path):
+    """``mlflow models serve`` of the champion, started outside the checkout: the scores of
+    ``predict``; every bad request a 400 whose message says what is wrong, and the next good
+    request answered."""
+    from pipelines.bench.serving import ask, model_server
+
     evaluated(tmp_path, register(store, tmp_path, "m", 0.9, 0.9), 0.9, 0.9)  # a champion needs test metrics
     promote.promote("m")
     paths = write_images(tmp_path / "images")[:3]
     expected = {r["path"]: float(r["score"]) for r in predict("models:/m@champion", [str(p) for p in paths],
                                                                 tmp_path / "out", overlays=False, progress=False)}
-    port, bin_dir = free_port(), str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
-    server = subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m", "models:/m@champion", "--env-manager",
-                               "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-2000:]
-                assert time.monotonic() < deadline, "the model server did not answer /ping in 120 s"
-                time.sleep(1)
-        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()]
-                                                                    for p in paths]},
-                "params": {"return_map": True}}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", json.dumps(body).encode(),
-                                          {"Content-Type": "application/json"})
-        answers = json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+    encoded = [base64.b64encode(p.read_bytes()).decode() for p in paths]
+    (tmp_path / "elsewhere").mkdir()
+    bad = {
+        "malformed JSON": (b'{"dataframe_split": {"columns": ["image"], "data": [[', "Invalid input"),
+        "bad base64": (request_body(["not base64 at all!"]), "image: not base64"),
+        "not an image": (request_body([base64.b64encode(b"hello, world").decode()]), "image: "),
+        "decompression bomb": (request_body([base64.b64encode(bomb_png()).decode()]), "image: "),
+        "50 MB payload": (request_body([base64.b64encode(os.urandom(50 * 2**20)).decode()]), "image: "),
+        "wrong column": (request_body(encoded[:1], columns=("picture",)), "Model is missing inputs ['image']"),
+        "wrong type": (request_body([12345]), "image: a base64 string is needed, got int"),
+    }
+    with model_server("models:/m@champion", mlflow.get_tracking_uri(), cwd=tmp_path / "elsewhere") as (port, _):
+        status, answer = ask(port, request_body(encoded, return_map=True))
+        answered = {}
+        for name, (body, _) in bad.items():
+            answered[name] = ask(port, body)
+            assert ask(port, request_body(encoded[:1]))[0] == 200, f"not serving after the {name}"
+    assert status == 200
+    answers = answer["predictions"]
     assert [a["score"] for a in answers] == pytest.approx([expected[str(p)] for p in paths], rel=1e-5)
     assert [a["decision"] for a in answers] == [expected[str(p)] >= 1.0 for p in paths]
     gray = Image.open(io.BytesIO(paths[1].read_bytes()))
     assert np.asarray(answers[1]["anomaly_map"]).shape == (gray.height, gray.width)
+    for name, (_, message) in bad.items():
+        status, error = answered[name]
+        assert status == 400 and message in error.get("message", ""), (name, status, str(error)[:500])
+        assert "Traceback" not in error.get("message", ""), name
 
 
 def test_a_logged_model_loads_and_scores_where_this_repository_is_not_importable(store, tmp_path):

@@ -335,3 +335,41 @@ def test_pasted_defect_scores_higher_than_its_clean_image_and_its_region_is_hott
         heat = maps[4 + i]
         assert heat[mask].mean() > 2 * heat[~mask].mean()
         assert heat[mask].mean() > 2 * maps[i][mask].mean()  # hotter than the same pixels of the clean image
+
+
+@pytest.mark.parametrize("method", ["diad", "drdc", "proad"])
+def test_bf16_weights_train_and_score_on_a_cpu_under_autocast(method):
+    """``train.precision: bf16`` on a CPU: the engine holds bf16 weights, the batch stays float32.
+    The forward runs under CPU autocast and gives a finite loss and finite maps; float32 weights
+    run without autocast (the same numbers as before the precision key existed)."""
+    from anomdiff.models.precision import bf16_autocast
+
+    model = tiny({"method": method})
+    model.set_stage("denoiser")
+    with bf16_autocast(model, torch.device("cpu"), True):
+        assert not torch.is_autocast_enabled("cpu")
+    model.to(torch.bfloat16)
+    with bf16_autocast(model, torch.device("cpu"), True):
+        assert torch.is_autocast_enabled("cpu")
+    batch = synthetic_batch(2)
+    loss = model(batch)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss.float()) and any(p.grad is not None for p in model.trainable_parameters())
+    model.eval()
+    with torch.no_grad():
+        maps = model.score(batch)["anomaly_map"]
+    assert torch.isfinite(torch.as_tensor(maps).float()).all()
+
+
+def test_precision_decides_the_engines_weights():
+    from anomdiff.config import CONF_DIR, load_config
+    from pipelines.stage import deepspeed_config
+
+    def bf16(*overrides):
+        cfg = load_config(CONF_DIR / "experiment" / "demo.yaml", ["data.path=x", "output_dir=y", *overrides])
+        return deepspeed_config(cfg, 1e-4, 2, 10)["bf16"]["enabled"]
+
+    assert bf16() is False and bf16("train.use_gpu=true") is True
+    assert bf16("train.precision=bf16") is True and bf16("train.use_gpu=true", "train.precision=fp32") is False
+    with pytest.raises(ValueError, match="train.precision must be one of auto, bf16, fp32"):
+        bf16("train.precision=fp16")

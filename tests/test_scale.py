@@ -136,8 +136,16 @@ def test_a_two_by_two_sweep_writes_its_results_and_redoes_only_a_missing_cell(da
     parent = (out / "mlflow_run_id").read_text().strip()
     children = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'")
-    assert sorted(c.data.tags["anomdiff.cell"] for c in children) == ["K2-diad-seed0", "K2-knn-seed0",
-                                                                      "K4-diad-seed0", "K4-knn-seed0"]
+    summaries = [c.data.tags["anomdiff.cell"] for c in children if "anomdiff.cell" in c.data.tags]
+    assert sorted(summaries) == ["K2-diad-seed0", "K2-knn-seed0", "K4-diad-seed0", "K4-knn-seed0"]
+    # Each cell's own training and evaluation runs, opened in its Ray task, are children of the sweep's
+    # run in the same store: a training per cell, an evaluation per cell and the redone cell's again.
+    trained = {(_cell(out, c) / "run" / "mlflow_run_id").read_text().strip()
+               for c in ("K2-diad", "K2-knn", "K4-diad", "K4-knn")}
+    assert {c.info.run_id for c in children if c.data.tags.get("mlflow.runName", "").startswith("scale ")
+            and "anomdiff.cell" not in c.data.tags} == trained
+    assert len([c for c in children if c.data.tags.get("anomdiff.job") == "evaluate"]) == 5
+    assert len(children) == 4 + 4 + 5
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "scaling")}
     assert "scaling/scaling.csv" in artifacts and "scaling/auroc_vs_categories.png" in artifacts
 

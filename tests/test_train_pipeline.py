@@ -59,6 +59,19 @@ def test_zero3_on_two_workers_exports_a_model_that_resumes_and_evaluates(local_r
     again = train.run(cfg)  # same output_dir and config: resumes from the finished run, trains nothing more
     assert again == metadata
 
+    # The finished run's last checkpoint truncated: the same command falls back to the step-2 one
+    # (loading the truncated file would fail), trains steps 3-4 again and exports a whole checkpoint.
+    def checkpoint_steps() -> dict:
+        return {p.parent: (json.loads(p.read_text())["step"], p.stat().st_mtime)
+                for p in (tmp_path / "run" / "ray").glob("checkpoint_*/train_state.json")}
+
+    damaged = max(checkpoint_steps().items(), key=lambda item: item[1])[0]
+    shard = damaged / "ds" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    damaged_at = time.time()
+    metadata = train.run(cfg)
+    assert [step for step, mtime in checkpoint_steps().values() if mtime > damaged_at] == [4]
+
     doc = evaluate.evaluate(str(tmp_path / "run" / "model"), str(dataset), str(tmp_path / "report"))
     assert doc["num_images"] == 12 and set(doc["per_category"]) == set(model.metadata["categories"])
     assert json.loads((tmp_path / "report" / "metrics.json").read_text()) == doc

@@ -189,6 +189,18 @@ def test_a_training_search_runs_one_training_per_trial_and_asha_stops_the_poor_o
     assert again.seed == int(best["seed"]) and again.output_dir == str(out / "best_run")
     assert yaml.safe_load((out / "best.yaml").read_text())["data"]["path"] == str(dataset)
 
+    # Every trial's training run, stopped early or not, is a child of the search's run in the one store
+    # (ANOMDIFF_HOME's), beside the driver's summary run of each trial.
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    parent = (out / "mlflow_run_id").read_text().strip()
+    trained = {(out / "trials" / r["trial"] / "mlflow_run_id").read_text().strip() for r in rows}
+    assert {mlflow.get_run(run).data.tags.get("mlflow.parentRunId") for run in trained} == {parent}
+    children = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    summaries = {c.data.tags["anomdiff.trial"] for c in children if "anomdiff.trial" in c.data.tags}
+    assert summaries == {r["trial"] for r in rows}
+    assert {c.info.run_id for c in children if "anomdiff.trial" not in c.data.tags} == trained
+
 
 def test_a_search_resumes_only_as_the_same_search(dataset, model, tmp_path):
     from pipelines.tune import _same_search
@@ -199,3 +211,34 @@ def test_a_search_resumes_only_as_the_same_search(dataset, model, tmp_path):
     with pytest.raises(FileExistsError, match="holds another search"):
         _same_search(load_search(INFERENCE, [f"model={model}", f"output_dir={tmp_path}", "num_trials=7"]), tmp_path)
 
+
+
+@pytest.mark.slow
+def test_a_trial_stopped_before_its_first_report_has_its_placement_group_released(tmp_path):
+    """The group is known from the file the workers' rank 0 writes as it starts, not from a report."""
+    import ray
+    from ray.tune.experiment import Trial
+    from ray.util.placement_group import placement_group, placement_group_table
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from pipelines import train, tune
+
+    out = tmp_path / "search"
+    folder = tune.trial_folder(out, "t0001")
+    folder.mkdir(parents=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        group = placement_group([{"CPU": 0.5}])
+        ray.get(group.ready(), timeout=60)
+        # What rank 0 of a Train worker does as it starts, inside the worker group's placement group.
+        record = ray.remote(num_cpus=0.5)(train._record_placement_group)
+        ray.get(record.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group)).remote(str(folder)))
+        assert (folder / train.PLACEMENT_GROUP_FILE).read_text() == group.id.hex()
+
+        trial = Trial("training_trial", trial_id="t0001", stub=True)  # stopped before it reported anything
+        assert train.PLACEMENT_GROUP not in trial.last_result
+        tune.ReleaseStoppedTrainWorkers(out).on_trial_complete(0, [trial], trial)
+        assert placement_group_table(group)["state"] == "REMOVED"
+        tune.ReleaseStoppedTrainWorkers(out).on_trial_error(0, [trial], trial)  # gone already: left alone
+    finally:
+        ray.shutdown()

@@ -29,6 +29,7 @@ from anomdiff.models.config import ModelConfig
 from anomdiff.models.context import ContextProvider, condition_tokens
 from anomdiff.models.features import FeatureExtractor
 from anomdiff.models.guide import SemanticGuide
+from anomdiff.models.precision import bf16_autocast
 from anomdiff.models.pretrained import load_pretrained
 from anomdiff.models.saved import load_weights, read_saved_config, save_model
 from anomdiff.models.unet import UNET_PARTS, build_unet, check_unet_matches
@@ -139,7 +140,7 @@ class DiADModel(nn.Module):
     # --- building blocks ---------------------------------------------------------------------
 
     def _autocast(self, device: torch.device):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.autocast and device.type == "cuda")
+        return bf16_autocast(self, device, self.cfg.autocast)
 
     def context(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-attention tokens ``B x T x D`` for the batch (learned; shared or per category)."""

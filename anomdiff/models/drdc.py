@@ -33,6 +33,7 @@ from anomdiff import scoring
 from anomdiff.models.autoencoder import build_vae, check_vae_matches, vae_loss
 from anomdiff.models.config import ModelConfig
 from anomdiff.models.diad import ddim_timesteps
+from anomdiff.models.precision import bf16_autocast
 from anomdiff.models.pretrained import load_pretrained
 from anomdiff.models.saved import load_weights, read_saved_config, save_model
 
@@ -215,7 +216,7 @@ class DRDCModel(nn.Module):
     # --- the inpainter's space -----------------------------------------------------------------------
 
     def _autocast(self, device: torch.device):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.autocast and device.type == "cuda")
+        return bf16_autocast(self, device, self.cfg.autocast)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         if self.vae is None:
@@ -243,9 +244,10 @@ class DRDCModel(nn.Module):
 
     def category_logits(self, filled: torch.Tensor) -> torch.Tensor:
         """The category head on the pooled deepest backbone features of the masked-and-filled image."""
-        with torch.no_grad():
-            deepest = self.base.features(filled)[-1].float()
-        return self.category_head(deepest.mean((2, 3)))
+        with self._autocast(filled.device):
+            with torch.no_grad():
+                deepest = self.base.features(filled)[-1]
+            return self.category_head(deepest.mean((2, 3))).float()
 
     def context(self, logits: torch.Tensor, category_index: torch.Tensor | None) -> torch.Tensor:
         """Model conditioning: the category tokens mixed by the head's estimate (``label_free``; the

@@ -37,6 +37,7 @@ from torch import nn
 from anomdiff import scoring
 from anomdiff.models.config import ModelConfig
 from anomdiff.models.features import FeatureExtractor
+from anomdiff.models.precision import bf16_autocast
 from anomdiff.models.saved import load_weights, read_saved_config, save_model
 
 
@@ -186,9 +187,9 @@ class ProADModel(nn.Module):
 
     def reconstruct(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
         """Target features per level, their reconstructions, and the decoder's bottleneck tokens and
-        final dynamic prototypes (for the coherence term). On CUDA under ``autocast`` (bf16), as the
-        bf16 weights of a DeepSpeed engine need."""
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cfg.autocast and images.device.type == "cuda"):
+        final dynamic prototypes (for the coherence term); under bf16 autocast on CUDA or with bf16
+        weights (:mod:`anomdiff.models.precision`)."""
+        with bf16_autocast(self, images.device, self.cfg.autocast):
             return self._reconstruct(images)
 
     def _reconstruct(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import signal
 import socket
@@ -17,7 +18,9 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -47,6 +50,74 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextmanager
+def model_server(model_uri: str, tracking_uri: str, cwd: Path | None = None, timeout_s: float = 180):
+    """``mlflow models serve`` of ``model_uri`` on 127.0.0.1 (the current environment, run from
+    ``cwd``), yielded as ``(port, process)`` once ``/ping`` answers; stopped on the way out."""
+    port, bin_dir = _free_port(), str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": tracking_uri}
+    server = subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        started = time.perf_counter()
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.perf_counter() - started > timeout_s:
+                    raise RuntimeError("mlflow models serve did not answer /ping: "
+                                       + server.stderr.read().decode()[-2000:]) from None
+                time.sleep(0.5)
+        yield port, server
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def served_memory_mb(server: subprocess.Popen) -> float:
+    """Resident memory of the server and every process under it (uvicorn's workers), in MB."""
+    import psutil
+
+    root = psutil.Process(server.pid)
+    processes = [root, *root.children(recursive=True)]
+    return sum(p.memory_info().rss for p in processes if p.is_running()) / 2**20
+
+
+def ask(port: int, body: bytes) -> tuple[int, dict]:
+    """POST ``body`` to ``/invocations``: the status and the JSON answer (errors included)."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def load_test(port: int, server: subprocess.Popen, bodies: list[bytes], clients: int, requests: int) -> dict:
+    """``clients`` threads send ``requests`` requests in all (one image each) as fast as answers come:
+    throughput, p50/p99 latency, failures, and the server's resident memory before and after."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(i: int) -> tuple[float, int]:
+        tick = time.perf_counter()
+        status, _ = ask(port, bodies[i % len(bodies)])
+        return time.perf_counter() - tick, status
+
+    memory_start = served_memory_mb(server)
+    tick = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        answers = list(pool.map(one, range(requests)))
+    wall = time.perf_counter() - tick
+    latencies = sorted(seconds for seconds, _ in answers)
+    return {"clients": clients, "requests": requests, "failed": sum(status != 200 for _, status in answers),
+            "requests_per_s": requests / wall, "p50_ms": 1000 * latencies[len(latencies) // 2],
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)],
+            "memory_start_mb": memory_start, "memory_end_mb": served_memory_mb(server)}
+
+
 def _post(port: int, body: bytes) -> float:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
                                      {"Content-Type": "application/json"})
@@ -62,7 +133,8 @@ def _percentiles(seconds: list[float]) -> dict:
             "requests": len(ordered)}
 
 
-def serving_section(work: Path, images: int = 64, requests: int = 100, batch_size: int = 16, repeats: int = 2) -> dict:
+def serving_section(work: Path, images: int = 64, requests: int = 100, batch_size: int = 16, repeats: int = 2,
+                    load_clients: tuple[int, ...] = (4, 16), load_requests: int = 2000) -> dict:
     from anomdiff.config import TrackingConfig
     from pipelines import registry, tracking
     from pipelines.predict import predict
@@ -99,30 +171,20 @@ def serving_section(work: Path, images: int = 64, requests: int = 100, batch_siz
         tick = time.perf_counter()
         in_process.predict(frames[i % len(frames)])
         local.append(time.perf_counter() - tick)
-    port, bin_dir = _free_port(), str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": uri}
-    server = subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m", "models:/bench-serving/1",
-                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        started = time.perf_counter()
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
-                break
-            except OSError:
-                if server.poll() is not None or time.perf_counter() - started > 180:
-                    raise RuntimeError("mlflow models serve did not answer /ping") from None
-                time.sleep(0.5)
+    started = time.perf_counter()
+    with model_server("models:/bench-serving/1", uri, cwd=work) as (port, server):
         out["server_start_s"] = time.perf_counter() - started
         served = [_post(port, bodies[i % len(bodies)]) for i in range(requests + 5)]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        out["load"] = [load_test(port, server, bodies, clients, load_requests) for clients in load_clients]
     out["served"] = _percentiles(served[5:])  # the first five warm the server up
     out["in_process"] = _percentiles(local[5:])
     out["served_over_in_process_median"] = ratio(out["served"]["median_ms"], out["in_process"]["median_ms"])
     print(f"[bench] serving: predict {out['batched_images_per_s']:.1f} images/s in batches of {batch_size}, "
           f"{out['one_by_one_images_per_s']:.1f} one by one; served median {out['served']['median_ms']:.1f} ms, "
           f"p95 {out['served']['p95_ms']:.1f} ms", flush=True)
+    for load in out["load"]:
+        print(f"[bench] serving under load: {load['clients']} clients, {load['requests']} requests, "
+              f"{load['requests_per_s']:.1f}/s, p50 {load['p50_ms']:.0f} ms, p99 {load['p99_ms']:.0f} ms, "
+              f"{load['failed']} failed, server memory {load['memory_start_mb']:.0f} -> {load['memory_end_mb']:.0f} MB",
+              flush=True)
     return out
