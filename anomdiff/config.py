@@ -74,11 +74,15 @@ class DataConfig(Section):
 
 @dataclass
 class ZeroConfig(Section):
-    """DeepSpeed ZeRO: stage 0-3 and optional CPU offload of optimizer state and parameters."""
+    """DeepSpeed ZeRO: stage 0-3 and optional CPU offload of optimizer state and parameters.
+    ``bucket_elements``: the size of DeepSpeed's gradient-reduction and all-gather buckets and, at
+    stage 3, of the parameters gathered at once (null: DeepSpeed's defaults, 5e8 and 1e9 elements,
+    up to 2 GB each in bf16); smaller buckets cost memory less and communication more."""
 
     stage: int = 0
     offload_optimizer: bool = False
     offload_params: bool = False
+    bucket_elements: int | None = None
 
 
 # The engine's weights: auto is bf16 on a GPU and float32 on a CPU (DeepSpeed's CPU accelerator has

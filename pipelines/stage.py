@@ -28,6 +28,11 @@ def deepspeed_config(cfg: ExperimentConfig, lr: float, stage: int, steps: int, z
         zero["offload_optimizer"] = {"device": "cpu"}
     if t.zero.offload_params and stage == 3:
         zero["offload_param"] = {"device": "cpu"}
+    if t.zero.bucket_elements:
+        size = int(t.zero.bucket_elements)
+        zero.update({"reduce_bucket_size": size, "allgather_bucket_size": size} if stage < 3 else
+                    {"reduce_bucket_size": size, "stage3_prefetch_bucket_size": size,
+                     "stage3_max_live_parameters": size, "stage3_max_reuse_distance": size})
     zero.update(zero_extra or {})
     return {
         "train_micro_batch_size_per_gpu": t.batch_size,
@@ -72,7 +77,22 @@ def initialize(model, cfg: ExperimentConfig, lr: float, stage: int, steps: int, 
 
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.trainable_parameters(),
                                       config=deepspeed_config(cfg, lr, stage, steps, zero_extra))
+    if cfg.train.bf16:
+        batch_norm_statistics_like_weights(engine.module)
     return engine
+
+
+def batch_norm_statistics_like_weights(module) -> None:
+    """A bf16 engine casts parameters, not buffers: BatchNorm layers would hold bf16 weights beside
+    float32 running statistics, which the CPU kernel refuses. The statistics follow their weights."""
+    import torch
+
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.weight is not None:
+            for name in ("running_mean", "running_var"):
+                statistic = getattr(layer, name)
+                if statistic is not None and statistic.dtype != layer.weight.dtype:
+                    setattr(layer, name, statistic.to(layer.weight.dtype))
 
 
 def training_batches(shard, cfg: ExperimentConfig, device):

@@ -373,3 +373,19 @@ def test_precision_decides_the_engines_weights():
     assert bf16("train.precision=bf16") is True and bf16("train.use_gpu=true", "train.precision=fp32") is False
     with pytest.raises(ValueError, match="train.precision must be one of auto, bf16, fp32"):
         bf16("train.precision=fp16")
+
+
+def test_zero_buckets_shrink_what_deepspeed_holds_at_once():
+    from anomdiff.config import CONF_DIR, load_config
+    from pipelines.stage import deepspeed_config
+
+    def zero(stage, *overrides):
+        cfg = load_config(CONF_DIR / "experiment" / "demo.yaml", ["data.path=x", "output_dir=y", *overrides])
+        return deepspeed_config(cfg, 1e-4, stage, 10)["zero_optimization"]
+
+    assert zero(3) == {"stage": 3}  # DeepSpeed's defaults
+    assert zero(3, "train.zero.bucket_elements=50000000") == {
+        "stage": 3, "reduce_bucket_size": 50_000_000, "stage3_prefetch_bucket_size": 50_000_000,
+        "stage3_max_live_parameters": 50_000_000, "stage3_max_reuse_distance": 50_000_000}
+    assert zero(2, "train.zero.bucket_elements=1000") == {"stage": 2, "reduce_bucket_size": 1000,
+                                                          "allgather_bucket_size": 1000}

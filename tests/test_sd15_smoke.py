@@ -30,7 +30,7 @@ def anomdiff(*args, timeout=3600) -> str:
 
 def test_sd15_diad_trains_resumes_exports_and_scores_on_a_cpu(tmp_path):
     data, out = tmp_path / "data", tmp_path / "run"
-    anomdiff("data", "synth", data, "--categories", 2, "--train-per-category", 4, "--test-per-category", 2,
+    anomdiff("data", "synth", data, "--categories", 2, "--train-per-category", 6, "--test-per-category", 2,
              "--image-size", 256, "--workers", 1)
     train = ["train", "--config", SMOKE, f"data.path={data}", f"output_dir={out}",
              f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]

@@ -147,6 +147,18 @@ def test_bad_runs_fail_before_training(dataset, tmp_path):
         train.preflight(tiny_config(dataset, tmp_path / "other", "data.num_categories=9"))
 
 
+def test_a_start_refused_for_its_validation_split_leaves_the_folder_free(dataset, tmp_path):
+    """No validation normal in a category: refused before the run's config is pinned on the folder,
+    so the same command with a larger hold-out starts there."""
+    from pipelines import train
+
+    cfg = tiny_config(dataset, tmp_path / "run", "data.validation_fraction=0.01")
+    with pytest.raises(ValueError, match="has no validation normal"):
+        train._train(cfg, train.preflight(cfg), tmp_path / "run", None)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    train.preflight(tiny_config(dataset, tmp_path / "run", "data.validation_fraction=0.3"))
+
+
 def test_more_workers_than_the_cluster_can_place_is_refused(dataset, tmp_path, monkeypatch):
     from pipelines import train
 
