@@ -27,7 +27,7 @@ test-fast: setup
 
 # The paper-size DiAD on CPUs: two training steps under ZeRO-3, resume, export, evaluate, predict.
 test-sd15: setup
-	$(BIN)/python -m pytest -q -m sd15 -s
+	$(BIN)/python -m pytest -q -m sd15
 
 lint: setup
 	$(BIN)/ruff check anomdiff pipelines tests

@@ -54,7 +54,11 @@ def problem(directory: str | Path) -> str | None:
             files = json.loads(manifest.read_text())["files"]
         except (OSError, ValueError, KeyError, TypeError):
             return f"{manifest.name} missing or unreadable"
-        for name, (size, crc) in files.items():
+        try:
+            entries = [(name, int(size), int(crc)) for name, (size, crc) in files.items()]
+        except (AttributeError, TypeError, ValueError):
+            return f"{manifest.name} malformed"
+        for name, size, crc in entries:
             path = root / name
             if not path.is_file():
                 return f"{name} missing"

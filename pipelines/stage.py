@@ -82,6 +82,16 @@ def initialize(model, cfg: ExperimentConfig, lr: float, stage: int, steps: int, 
     return engine
 
 
+def weights_to_bf16(module) -> None:
+    """Cast the weights (not the buffers: the latent scale and the normalisers stay float32, as
+    DeepSpeed leaves them) to bf16 one tensor at a time, before DeepSpeed holds bf16 copies beside
+    the float32 originals: at sd15 size 2.8 GB less per worker while the engine is set up."""
+    import torch
+
+    for parameter in module.parameters():
+        parameter.data = parameter.data.to(torch.bfloat16)
+
+
 def batch_norm_statistics_like_weights(module) -> None:
     """A bf16 engine casts parameters, not buffers: BatchNorm layers would hold bf16 weights beside
     float32 running statistics, which the CPU kernel refuses. The statistics follow their weights."""

@@ -41,6 +41,9 @@ def test_a_whole_checkpoint_passes_and_each_kind_of_damage_is_named(tmp_path):
     lost_rank = fresh("lost_rank")
     (lost_rank / "manifest.rank1.json").unlink()
     assert checkpoints.problem(lost_rank) == "manifest.rank1.json missing or unreadable"
+    malformed = fresh("malformed")
+    (malformed / "manifest.rank0.json").write_text('{"files": [["ds/rank0_states.pt", 1280]]}')
+    assert checkpoints.problem(malformed) == "manifest.rank0.json malformed"
     lost_file = fresh("lost_file")
     (lost_file / "ds" / "rank0_states.pt").unlink()
     assert checkpoints.problem(lost_file) == "ds/rank0_states.pt missing"

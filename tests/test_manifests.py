@@ -50,10 +50,20 @@ def quantity(value) -> float:
 
 
 def test_the_manifests_are_the_expected_ones():
-    assert sorted(manifests()) == ["networkpolicy.yaml", "raycluster.yaml", "rayjob.yaml"]
+    assert sorted(manifests()) == ["networkpolicy.yaml", "pvc.yaml", "raycluster.yaml", "rayjob.yaml"]
 
 
-@pytest.mark.parametrize("name", ["networkpolicy.yaml", "raycluster.yaml", "rayjob.yaml"])
+def test_the_volume_the_pods_mount_is_the_claim_defined_here():
+    claim = manifests()["pvc.yaml"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        for group in groups(manifests()[name]):
+            claims = {v["persistentVolumeClaim"]["claimName"] for v in group["template"]["spec"].get("volumes", [])
+                      if "persistentVolumeClaim" in v}
+            assert claims == {claim["metadata"]["name"]}, (name, claims)
+
+
+@pytest.mark.parametrize("name", ["networkpolicy.yaml", "pvc.yaml", "raycluster.yaml", "rayjob.yaml"])
 def test_every_kubernetes_object_validates_against_its_schema(name):
     doc = manifests()[name]
     if doc["apiVersion"] != "ray.io/v1":

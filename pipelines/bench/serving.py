@@ -9,6 +9,7 @@ resized to the model's 64 px as any file is)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -56,9 +58,10 @@ def model_server(model_uri: str, tracking_uri: str, cwd: Path | None = None, tim
     ``cwd``), yielded as ``(port, process)`` once ``/ping`` answers; stopped on the way out."""
     port, bin_dir = _free_port(), str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": tracking_uri}
+    log = tempfile.TemporaryFile()  # a file, not a pipe: a server that logs much never blocks on it
     server = subprocess.Popen([f"{bin_dir}/mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
                                "-h", "127.0.0.1", "-p", str(port)], env=env, cwd=cwd, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, start_new_session=True)
+                              stderr=log, start_new_session=True)
     try:
         started = time.perf_counter()
         while True:
@@ -67,13 +70,16 @@ def model_server(model_uri: str, tracking_uri: str, cwd: Path | None = None, tim
                 break
             except OSError:
                 if server.poll() is not None or time.perf_counter() - started > timeout_s:
+                    log.seek(0)
                     raise RuntimeError("mlflow models serve did not answer /ping: "
-                                       + server.stderr.read().decode()[-2000:]) from None
+                                       + log.read().decode(errors="replace")[-2000:]) from None
                 time.sleep(0.5)
         yield port, server
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+        log.close()
 
 
 def served_memory_mb(server: subprocess.Popen) -> float:
@@ -86,14 +92,20 @@ def served_memory_mb(server: subprocess.Popen) -> float:
 
 
 def ask(port: int, body: bytes) -> tuple[int, dict]:
-    """POST ``body`` to ``/invocations``: the status and the JSON answer (errors included)."""
+    """POST ``body`` to ``/invocations``: the status and the JSON answer (errors included; status 0
+    when no answer came)."""
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
                                      {"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=300) as answer:
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"{}")
+        try:
+            return error.code, json.loads(error.read() or b"{}")
+        except ValueError:  # not JSON: the status still counts
+            return error.code, {}
+    except (OSError, ValueError):  # no answer (refused, reset, timed out) or not JSON: a failed request
+        return 0, {}
 
 
 def load_test(port: int, server: subprocess.Popen, bodies: list[bytes], clients: int, requests: int) -> dict:
