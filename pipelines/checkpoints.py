@@ -107,15 +107,19 @@ def newest_whole(run: str | Path, latest: str | Path | None = None, say=print) -
 
 def best_whole(run: str | Path, metric: str, say=print) -> Path | None:
     """The whole checkpoint of ``run`` with the highest ``metric`` in its state file (the export's
-    choice); damaged ones are named through ``say`` and skipped."""
-    scored = []
-    for folder in saved_in(run):
+    choice): checked best first, so only damaged ones (named through ``say``) cost a second look."""
+    def score(folder: Path) -> float:
+        try:
+            return float(json.loads((folder / STATE_FILE).read_text()).get(metric, float("-inf")))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return float("-inf")
+
+    for folder in sorted(saved_in(run), key=score, reverse=True):
         why = problem(folder)
-        if why is not None:
-            say(f"[train] not exporting checkpoint {folder}: damaged ({why})")
-            continue
-        scored.append((json.loads((folder / STATE_FILE).read_text()).get(metric, float("-inf")), folder))
-    return max(scored, key=lambda pair: pair[0])[1] if scored else None
+        if why is None:
+            return folder
+        say(f"[train] not exporting checkpoint {folder}: damaged ({why})")
+    return None
 
 
 RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's list of a run's checkpoints
