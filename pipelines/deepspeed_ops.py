@@ -4,20 +4,19 @@
 
 On a machine without GPU, DeepSpeed loads C++ ops the first time a worker starts: shared-memory
 collectives (``deepspeed_shm_comm``, built when ``deepspeed.comm`` initialises), the AdamW kernel
-(``fused_adam``, built by the ``AdamW`` optimizer of ``pipelines.stage.deepspeed_config``). Built
-there, they cost the first run about two minutes of its time budget; built here, they land in
-torch's extension cache (``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``) and every run
-loads them in seconds. A run that offloads its optimizer (``train.zero.offload_optimizer``) also
-needs ``cpu_adam``: it is left to that run (4 minutes on two busy cores), which keeps ``make setup``
-short. On a GPU machine nothing is built: CUDA ops come with the image or are
-compiled by DeepSpeed's own install options.
+(``fused_adam``, built by the ``AdamW`` optimizer of ``pipelines.engine.deepspeed_config``) and,
+for runs that offload their optimizer (``train.zero.offload_optimizer``: the sd15 experiments, the
+GPU check's offload settings), ``cpu_adam``. Built there, they cost the first run up to six minutes
+of its time budget; built here, they land in torch's extension cache (``~/.cache/torch_extensions``
+or ``$TORCH_EXTENSIONS_DIR``) and every run loads them in seconds. On a GPU machine nothing is
+built: CUDA ops come with the image or are compiled by DeepSpeed's own install options.
 """
 
 from __future__ import annotations
 
 import time
 
-CPU_OPS = ("ShareMemCommBuilder", "FusedAdamBuilder")
+CPU_OPS = ("ShareMemCommBuilder", "FusedAdamBuilder", "CPUAdamBuilder")
 
 
 def build_cpu_ops() -> list[str]:

@@ -43,6 +43,7 @@ from anomdiff.models.pretrained import pretrained_problems
 from pipelines import autoscaling, checkpoints, registry, runtime, stage, tracking
 from pipelines.autoscaling import autoscaler_ceiling
 from pipelines.data import DataSpec, EveryRowDataConfig, train_dataset, validation_dataset, validation_ids
+from pipelines.engine import initialize, weights_only_loads, weights_to_bf16
 
 SELECTION_METRIC = "val_selection"  # train.selection_image_weight's mix of validation image and pixel AUROC
 
@@ -188,7 +189,7 @@ def train_worker(config: dict) -> None:
 
     model = build_model(cfg.model, len(categories)).to(device)
     if cfg.train.bf16:
-        stage.weights_to_bf16(model)
+        weights_to_bf16(model)
     train_batches = stage.training_batches(ray.train.get_dataset_shard("train"), cfg, device)
     validation_shard = ray.train.get_dataset_shard("validation")
 
@@ -199,16 +200,16 @@ def train_worker(config: dict) -> None:
         # Stage 1 (DiAD Sec. 4.1): fine-tune the autoencoder on normal images. The VAE is small, so
         # this stage runs at most ZeRO-2 and is redone, not resumed, if a worker fails inside it.
         model.set_stage("vae")
-        engine = stage.initialize(model, cfg, cfg.train.vae_lr, min(cfg.train.zero.stage, 2), cfg.train.vae_steps)
+        engine = initialize(model, cfg, cfg.train.vae_lr, min(cfg.train.zero.stage, 2), cfg.train.vae_steps)
         with _stage_run("vae", tracked):
             stage.run_stage(engine, engine.module.vae_loss, train_batches, 0, cfg.train.vae_steps, cfg, "vae")
         if cfg.model.refits_latent_scale:
             _fit_latent_scale(model, next(train_batches)["image"])
 
     model.set_stage("denoiser")
-    engine = stage.initialize(model, cfg, cfg.train.lr, cfg.train.zero.stage, cfg.train.steps)
+    engine = initialize(model, cfg, cfg.train.lr, cfg.train.zero.stage, cfg.train.steps)
     if checkpoint is not None:
-        with stage.weights_only_loads():
+        with weights_only_loads():
             engine.load_checkpoint(str(checkpoint), tag="ds")
         if rank == 0:
             stage.progress(f"[train] resumed from the step-{start_step} checkpoint")
@@ -407,11 +408,11 @@ def _report_validation(step: int, result: dict, run: dict | None = None) -> None
 
 def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int) -> dict:
     """Full fp32 weights from a DeepSpeed checkpoint, whatever the ZeRO stage it was saved with; no
-    load can run code planted in the checkpoint (:func:`pipelines.stage.weights_only_loads`)."""
+    load can run code planted in the checkpoint (:func:`pipelines.engine.weights_only_loads`)."""
     import torch
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with stage.weights_only_loads():
+    with weights_only_loads():
         if zero_stage == 0:
             return torch.load(checkpoint_dir / "ds" / "mp_rank_00_model_states.pt", map_location="cpu",
                               weights_only=True)["module"]

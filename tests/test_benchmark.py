@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.bench.gpu import device_benchmark
+from pipelines.bench.gpu import main as gpu_check
 from pipelines.bench.ingest import cpu_steps
 from pipelines.bench.job import main, run
 from pipelines.bench.measure import (
@@ -23,7 +23,7 @@ from pipelines.bench.measure import (
 )
 from pipelines.bench.report import markdown_table
 from pipelines.bench.sizes import SECTIONS, Sizes
-from pipelines.bench.zero import zero_footprint
+from pipelines.bench.zero import zero_footprint, zero_model_state_bytes
 
 MINUSCULE = Sizes(
     train_images=20, stored_size=64, test_per_category=2, repeats=1, train_steps=5, warmup_steps=1, scaling_steps=4,
@@ -134,13 +134,48 @@ def test_tiny_run_writes_the_documented_shape(tmp_path):
     assert "guidance off / on" in table and "metrics at 100 maps" in table
 
 
-def test_device_section_runs_on_the_cpu_with_the_tiny_preset():
+def test_the_gpu_check_runs_on_the_cpu_with_the_tiny_preset(tmp_path, capsys):
+    """``python -m pipelines.bench.gpu`` end to end at tiny size, two of its ZeRO settings included
+    (a plain engine, and ZeRO-3 offloading optimizer and weights), each in a process of its own."""
     with torch_threads(1):  # two threads on a shared 2-core machine wait on each other
-        result = device_benchmark(quick=True, device="cpu", preset="tiny", batch_size=2, image_size=64,
-                                  peak_tflops=1.0, steps=1)
+        gpu_check(["--device", "cpu", "--preset", "tiny", "--batch-size", "2", "--image-size", "64", "--quick",
+                   "--steps", "1", "--peak-tflops", "1.0", "--zero", "0,3+offload", "--json", str(tmp_path / "g.json")])
+    result = json.loads((tmp_path / "g.json").read_text())
     assert result["flops_per_step"] > 0 and result["train_images_per_s"] > 0 and result["score_latency_s"] > 0
     assert result["mfu"] == pytest.approx(result["flops_per_step"] / result["train_step_s"] / 1e12)
     assert result["plain_adamw_peak_bytes"] is None and result["ddim_steps"] == 10
+    zero = result["zero_one_device"]
+    assert list(zero) == ["0", "3+offload"] and zero["3+offload"]["stage"] == 3
+    for z in zero.values():
+        assert z["step_s"] > 0 and z["host_peak_rss_bytes"] > 0 and z["device_peak_bytes"] is None
+        predicted = zero_model_state_bytes(z["parameters"], z["trainable_parameters"], z["stage"], 1, False,
+                                           z["offload_optimizer"], z["offload_params"])
+        assert z["predicted_model_state_bytes"] == predicted
+        # One rank holds every byte: what DeepSpeed holds is what the model predicts, wherever it lives.
+        assert z["counted_bytes"]["total"] == pytest.approx(predicted["device"] + predicted["host"], rel=0.05)
+    assert zero["3+offload"]["predicted_model_state_bytes"]["device"] == 0
+    assert "ZeRO 3+offload:" in capsys.readouterr().out
+
+
+def test_the_zero_memory_model_splits_model_state_by_stage_and_offload():
+    gb = 1e9
+    # 1e9 weights, half trained, bf16 on 2 ranks: weights 2 GB, gradients 1 GB, optimizer state 6 GB whole.
+    assert zero_model_state_bytes(1e9, 5e8, 0, 2)["device"] == 9 * gb
+    assert zero_model_state_bytes(1e9, 5e8, 1, 2)["device"] == 6 * gb
+    assert zero_model_state_bytes(1e9, 5e8, 2, 2)["device"] == 5.5 * gb
+    assert zero_model_state_bytes(1e9, 5e8, 3, 2)["device"] == 4.5 * gb
+    # Offloaded: optimizer state and a float32 gradient partition on the host, only weights on the device.
+    assert zero_model_state_bytes(1e9, 5e8, 3, 2, offload_optimizer=True) == {"device": 1 * gb, "host": 4 * gb}
+    assert zero_model_state_bytes(1e9, 5e8, 3, 2, bf16=False)["device"] == 5 * gb  # 4 + 4 + 8 bytes, no master
+    assert zero_model_state_bytes(1e9, 5e8, 3, 1, True, True, True) == {"device": 0.0, "host": 10 * gb}
+
+
+def test_the_gpu_check_refuses_to_pass_without_a_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device here"):
+        gpu_check(["--zero", "none"])
 
 
 @pytest.mark.parametrize("cpus, steps", [(1, [1]), (2, [1, 2]), (6, [1, 2, 4, 6]), (8, [1, 2, 4, 8]), (0.5, [])])

@@ -10,7 +10,7 @@ def test_cpu_ops_build_and_load_ahead_of_training():
 
     if get_accelerator().device_name() != "cpu":
         pytest.skip("DeepSpeed sees an accelerator: no CPU ops are prebuilt")
-    assert build_cpu_ops() == ["deepspeed_shm_comm", "fused_adam"]
+    assert build_cpu_ops() == ["deepspeed_shm_comm", "fused_adam", "cpu_adam"]
 
 
 BF16_ZERO3 = """
@@ -21,7 +21,7 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORL
 import deepspeed
 from anomdiff.config import CONF_DIR, load_config
 from anomdiff.models import build_model
-from pipelines.stage import initialize
+from pipelines.engine import initialize
 cfg = load_config(CONF_DIR / "experiment" / "demo.yaml", [
     "data.path=x", "output_dir=y", "train.precision=bf16", "model.image_size=32", "model.vae.sample_size=32",
     "model.unet.sample_size=8", "model.diffusion.ddim_steps=2", "train.batch_size=2"])

@@ -363,7 +363,7 @@ def test_bf16_weights_train_and_score_on_a_cpu_under_autocast(method):
 
 def test_precision_decides_the_engines_weights():
     from anomdiff.config import CONF_DIR, load_config
-    from pipelines.stage import deepspeed_config
+    from pipelines.engine import deepspeed_config
 
     def bf16(*overrides):
         cfg = load_config(CONF_DIR / "experiment" / "demo.yaml", ["data.path=x", "output_dir=y", *overrides])
@@ -377,7 +377,7 @@ def test_precision_decides_the_engines_weights():
 
 def test_zero_buckets_shrink_what_deepspeed_holds_at_once():
     from anomdiff.config import CONF_DIR, load_config
-    from pipelines.stage import deepspeed_config
+    from pipelines.engine import deepspeed_config
 
     def zero(stage, *overrides):
         cfg = load_config(CONF_DIR / "experiment" / "demo.yaml", ["data.path=x", "output_dir=y", *overrides])

@@ -82,9 +82,10 @@ def test_a_two_by_two_sweep_writes_its_results_and_redoes_only_a_missing_cell(da
     import ray
 
     monkeypatch.setenv("ANOMDIFF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # the user's store
     out = tmp_path / "sweep"
     args = ["scale", "--config", str(SWEEP), f"data.path={dataset}", f"output_dir={out}", "categories=[2,4]",
-            "methods=[knn,diad]", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *TINY,
+            "methods=[knn,diad]", *TINY,
             "train.steps=2", "train.checkpoint_every=2", "train.vae_steps=1"]
     try:
         # Four logical CPUs: two cells (a Train worker of 0.5 CPU + a CPU for Parquet reads each) at
@@ -146,6 +147,7 @@ def test_a_two_by_two_sweep_writes_its_results_and_redoes_only_a_missing_cell(da
             and "anomdiff.cell" not in c.data.tags} == trained
     assert len([c for c in children if c.data.tags.get("anomdiff.job") == "evaluate"]) == 5
     assert len(children) == 4 + 4 + 5
+    assert not (tmp_path / "home" / "mlflow.db").exists()  # three sweeps in one process, all in the user's store
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent, "scaling")}
     assert "scaling/scaling.csv" in artifacts and "scaling/auroc_vs_categories.png" in artifacts
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from anomdiff.config import CONF_DIR, load_config
 from anomdiff.data.schema import read_shard
@@ -260,12 +261,19 @@ def test_a_training_cache_the_object_store_cannot_hold_is_refused(dataset, tmp_p
 
 
 @pytest.mark.slow
-def test_knn_builds_its_bank_on_two_workers_and_evaluates_without_the_category(local_ray, dataset, tmp_path):
+def test_knn_builds_its_bank_on_two_workers_and_evaluates_without_the_category(local_ray, dataset, tmp_path,
+                                                                              monkeypatch):
+    """Also the whole lifecycle in one process under a store the user exported (train twice, evaluate,
+    promote, predict): every run and registry change lands there, none in ANOMDIFF_HOME's default."""
     from anomdiff.models import load_model
-    from pipelines import evaluate, train
+    from pipelines import cli, evaluate, train
 
+    users = f"sqlite:///{tmp_path / 'users' / 'mlflow.db'}"
+    (tmp_path / "users").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", users)
+    monkeypatch.setenv("ANOMDIFF_HOME", str(tmp_path / "home"))
     cfg = tiny_config(dataset, tmp_path / "run", "model.method=knn", "train.num_workers=2",
-                      "tracking.registered_model=demo-knn")
+                      "tracking.registered_model=demo-knn", "tracking.tracking_uri=null")
     metadata = train.run(cfg)
     model = load_model(tmp_path / "run" / "model")
     assert model.method == "knn" and metadata["step"] == 0 and 0.0 <= metadata["val_image_auroc"] <= 1.0
@@ -292,8 +300,7 @@ def test_knn_builds_its_bank_on_two_workers_and_evaluates_without_the_category(l
     assert float(version.tags["val_image_auroc"]) == pytest.approx(metadata["val_image_auroc"], abs=1e-6)
     assert version.run_id == (tmp_path / "run" / "mlflow_run_id").read_text().strip()
 
-    doc = evaluate.evaluate("models:/demo-knn/1", str(dataset), str(tmp_path / "report"),
-                            [f"tracking.tracking_uri={cfg.tracking.tracking_uri}"])
+    doc = evaluate.evaluate("models:/demo-knn/1", str(dataset), str(tmp_path / "report"))
     assert doc["protocol"] == "label_free" and doc["num_images"] == 12
     assert "unified protocol" in (tmp_path / "report" / "metrics.md").read_text()
     tags = client.get_model_version("demo-knn", "1").tags  # the test metrics are recorded on the version
@@ -301,6 +308,21 @@ def test_knn_builds_its_bank_on_two_workers_and_evaluates_without_the_category(l
     evaluation_run = client.get_run(tags["evaluation_run"])
     assert evaluation_run.data.tags["anomdiff.training_run"] == version.run_id
     assert evaluation_run.data.tags["anomdiff.model_versions"] == "demo-knn/1"
+
+    cli.main(["promote", "demo-knn"])
+    assert client.get_model_version_by_alias("demo-knn", "champion").version in (1, "1")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((32, 32, 3), 60 * i, dtype=np.uint8)).save(images / f"{i}.png")
+    cli.main(["predict", "models:/demo-knn@champion", str(images), "--out", str(tmp_path / "pred"), "--no-overlays"])
+    assert (tmp_path / "pred" / "predictions.csv").read_text().count(".png") == 2
+
+    assert MlflowClient().tracking_uri == users
+    store = MlflowClient(tracking_uri=users)
+    runs = store.search_runs([e.experiment_id for e in store.search_experiments()])
+    assert sorted(r.data.tags.get("anomdiff.job", "train") for r in runs) == ["evaluate", "train"]
+    assert not (tmp_path / "home" / "mlflow.db").exists()
 
 
 def test_pretrained_weights_out_of_reach_stop_the_run_before_ray_with_the_keys_to_set(dataset, tmp_path, monkeypatch):

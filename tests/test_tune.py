@@ -105,10 +105,10 @@ def _launches(out: Path) -> list[str]:
 def test_an_interrupted_inference_search_resumes_without_rerunning_finished_trials(dataset, model, tmp_path):
     out = tmp_path / "search"
     args = ["--config", str(INFERENCE), f"model={model}", f"output_dir={out}", "num_trials=12",
-            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
             "space={model.diffusion.ddim_steps: {choice: [1, 2]}, model.scoring.sigma: {uniform: [1.0, 4.0]}, "
             "model.diffusion.start_timestep: {randint: [100, 401]}}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ANOMDIFF_HOME": str(tmp_path / "home")}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ANOMDIFF_HOME": str(tmp_path / "home"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}  # the user's store, exported
     driver = subprocess.Popen([sys.executable, "-m", "pipelines.tune", *args], env=env, cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 300
@@ -157,6 +157,7 @@ def test_an_interrupted_inference_search_resumes_without_rerunning_finished_tria
     children = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     assert len(children) == 12 and {c.data.tags["anomdiff.trial"] for c in children} == {r["trial"] for r in rows}
+    assert not (tmp_path / "home" / "mlflow.db").exists()
 
 
 @pytest.mark.slow
@@ -166,6 +167,7 @@ def test_a_training_search_runs_one_training_per_trial_and_asha_stops_the_poor_o
     from pipelines import tune
 
     monkeypatch.setenv("ANOMDIFF_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # the user's store
     out = tmp_path / "search"
     # A seeded grid: the same four trials every run, three of which fall below the first rung's median.
     spec = load_search(TRAINING, [f"data.path={dataset}", f"output_dir={out}", "num_trials=4",
@@ -190,8 +192,9 @@ def test_a_training_search_runs_one_training_per_trial_and_asha_stops_the_poor_o
     assert yaml.safe_load((out / "best.yaml").read_text())["data"]["path"] == str(dataset)
 
     # Every trial's training run, stopped early or not, is a child of the search's run in the one store
-    # (ANOMDIFF_HOME's), beside the driver's summary run of each trial.
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    # (the user's), beside the driver's summary run of each trial; nothing went to ANOMDIFF_HOME's.
+    assert not (tmp_path / "home" / "mlflow.db").exists()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = (out / "mlflow_run_id").read_text().strip()
     trained = {(out / "trials" / r["trial"] / "mlflow_run_id").read_text().strip() for r in rows}
     assert {mlflow.get_run(run).data.tags.get("mlflow.parentRunId") for run in trained} == {parent}

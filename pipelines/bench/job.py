@@ -10,9 +10,9 @@ On a cluster (the work folder must be storage every node reads, it holds the syn
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python -m pipelines.bench --workdir /mnt/shared/bench --json /mnt/shared/bench.json
 
-On a GPU machine without Ray, the GPU section alone (``anomdiff/`` and torch only):
+On a GPU machine without Ray or MLflow, the GPU check alone (``pipelines.bench.gpu``):
 
-    python -m pipelines.bench --sections gpu --json gpu.json
+    python -m pipelines.bench.gpu --json gpu.json
 
 Order of work: synthetic shards at 10, 40 and 160 categories (the same number of training images
 each) -> the sections without Ray: ``scoring`` (decode -> score -> streaming metrics, tiny preset,

@@ -1,7 +1,7 @@
 """Section 2, ``train_overhead``, and the training part of section 6, ``category_scaling``: one Ray
 Train run in which a DeepSpeed ZeRO-0 engine steps against the library's plain loop, then on
 batches fed by Ray Data at each category count. Engine and step are the training job's own
-(``pipelines.stage``: ``initialize`` with its ``deepspeed_config``, ``run_stage``), not copies."""
+(``pipelines.engine.initialize`` with its ``deepspeed_config``, ``pipelines.stage.run_stage``), not copies."""
 
 from __future__ import annotations
 
@@ -80,7 +80,8 @@ def train_worker(config: dict) -> dict:
     import ray.train
     import torch
 
-    from pipelines.stage import initialize, training_batches
+    from pipelines.engine import initialize
+    from pipelines.stage import training_batches
 
     cfg = ExperimentConfig.from_dict(config["experiment"])
     device = ray.train.torch.get_device()

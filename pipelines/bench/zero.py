@@ -1,6 +1,6 @@
 """Section 3, ``zero_memory``: two Ray Train workers count their bytes (parameters, gradients,
 optimizer state) at DeepSpeed ZeRO stages 0-3, each engine built with the training job's config
-(``pipelines.stage.initialize``), a stage's extra ZeRO settings merged into its ``zero_optimization``."""
+(``pipelines.engine.initialize``), a stage's extra ZeRO settings merged into its ``zero_optimization``."""
 
 from __future__ import annotations
 
@@ -85,6 +85,30 @@ def zero_footprint(engine) -> dict[str, int]:
     return out
 
 
+def zero_model_state_bytes(parameters: int, trainable: int, stage: int, ranks: int = 1, bf16: bool = True,
+                           offload_optimizer: bool = False, offload_params: bool = False) -> dict[str, float]:
+    """Model-state bytes per rank by the ZeRO paper's count (Rajbhandari et al., SC 2020, section 3):
+    every weight 2 bytes in bf16 (4 in fp32), a gradient of the same size per trained weight, and
+    optimizer state of 12 bytes per trained weight in mixed precision (float32 master copy and Adam's
+    two moments; 8 in fp32, where the weight is its own master). Stage 1 splits the optimizer state
+    over ``ranks``, stage 2 the gradients too, stage 3 the weights too (frozen ones included).
+    Offload (ZeRO-Offload, Ren et al., ATC 2021) moves the optimizer state and the gradients to the
+    host, the gradient partition as float32 (4 bytes), and at stage 3 the weights too. Activations and
+    DeepSpeed's buffers (reduction buckets, gathered weights) are not model state and not counted."""
+    width = 2 if bf16 else 4
+    weights = parameters * width / (ranks if stage >= 3 else 1)
+    gradients = trainable * width / (ranks if stage >= 2 else 1)
+    optimizer = trainable * (12 if bf16 else 8) / (ranks if stage >= 1 else 1)
+    device, host = weights + gradients + optimizer, 0.0
+    if offload_optimizer and stage >= 1:
+        device -= optimizer + gradients
+        host += optimizer + trainable * 4 / (ranks if stage >= 2 else 1)
+    if offload_params and stage == 3:
+        device -= weights
+        host += weights
+    return {"device": device, "host": host}
+
+
 def zero_worker(config: dict) -> list[dict] | None:
     """Ray Train worker (2 workers): for each of ``config["stages"]`` (name -> stage and extra ZeRO
     settings), a copy of one seeded model, one full step, then a second forward/backward and the
@@ -94,7 +118,7 @@ def zero_worker(config: dict) -> list[dict] | None:
     import torch
     import torch.distributed as dist
 
-    from pipelines.stage import initialize
+    from pipelines.engine import initialize
 
     cfg = ExperimentConfig.from_dict(config["experiment"])
     device = ray.train.torch.get_device()
