@@ -25,7 +25,7 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not sd15"
 
-# The paper-size DiAD on CPUs: two training steps under ZeRO-3, resume, export, evaluate, predict.
+# The paper-size DiAD and DRDC on CPUs: two training steps under ZeRO-3, resume, export, evaluate, predict.
 test-sd15: setup
 	$(BIN)/python -m pytest -q -m sd15
 

@@ -77,6 +77,19 @@ def initialize(model, cfg: ExperimentConfig, lr: float, stage: int, steps: int, 
     return engine
 
 
+class ScoresThroughEngine:
+    """A model's ``score`` run by the engine's ``forward`` (``model(batch, score=True)``), for
+    validation. Under ZeRO-3 DeepSpeed gathers a partitioned weight that a method reads as an
+    attribute (Pro-AD's prototype bank; the output projection of ``nn.MultiheadAttention``) only
+    while the engine's forward runs: a bare ``model.score`` finds it empty on every rank."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def score(self, batch: dict) -> dict:
+        return self.engine(batch, score=True)
+
+
 def weights_to_bf16(module) -> None:
     """Cast the weights (not the buffers: the latent scale and the normalisers stay float32, as
     DeepSpeed leaves them) to bf16 one tensor at a time, before DeepSpeed holds bf16 copies beside

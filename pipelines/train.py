@@ -43,7 +43,7 @@ from anomdiff.models.pretrained import pretrained_problems
 from pipelines import autoscaling, checkpoints, registry, runtime, stage, tracking
 from pipelines.autoscaling import autoscaler_ceiling
 from pipelines.data import DataSpec, EveryRowDataConfig, train_dataset, validation_dataset, validation_ids
-from pipelines.engine import initialize, weights_only_loads, weights_to_bf16
+from pipelines.engine import ScoresThroughEngine, initialize, weights_only_loads, weights_to_bf16
 
 SELECTION_METRIC = "val_selection"  # train.selection_image_weight's mix of validation image and pixel AUROC
 
@@ -222,7 +222,7 @@ def train_worker(config: dict) -> None:
             return
         engine.eval()
         # Each rank scores its own share of the validation set; rank 0 pools the shares.
-        part = score_validation(engine.module, validation_batches(), seed=cfg.seed + 100_003 * rank)
+        part = score_validation(ScoresThroughEngine(engine), validation_batches(), seed=cfg.seed + 100_003 * rank)
         result = with_selection(_pooled_validation(part, rank), cfg.train.selection_image_weight)
         engine.train()
         metrics = {"step": step, **{k: v for k, v in result.items() if k != "score_range"}, **_placement()}

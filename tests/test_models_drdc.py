@@ -154,6 +154,22 @@ def test_training_reaches_the_base_the_inpainter_and_the_category_head():
     assert model.stages == ("denoiser",)  # pixel space: no autoencoder stage
 
 
+def test_trainable_names_what_the_denoiser_stage_trains():
+    """``model.drdc.trainable``: the inpainter's decoder and the context without the base (what the
+    CPU smoke of the paper-size model trains); an unknown part is named."""
+    model = tiny_drdc({"drdc": {"trainable": ["inpainter_decoder", "context"]}}, num_categories=2).train()
+    trained = {id(p) for p in model.trainable_parameters()}
+    assert all(id(p) in trained for p in model.inpainter.up_blocks.parameters())
+    assert not any(id(p) in trained for p in [*model.inpainter.down_blocks.parameters(), *model.base.parameters()])
+    assert id(model.category_tokens) in trained and id(model.category_head.weight) in trained
+    x, _ = images(0, 2, seed=0)
+    out = model.training_loss({"image": x, "category_index": torch.tensor([0, 1])})
+    out["loss"].backward()
+    assert float(out["base"]) == 0.0 and model.inpainter.conv_out.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"model.drdc.trainable: unknown part 'unet'; choose from \['base', 'context'"):
+        tiny_drdc({"drdc": {"trainable": ["unet"]}})
+
+
 def test_scoring_is_label_free_unless_category_aware():
     x, _ = images(0, 1, seed=0)
     out = tiny_drdc({"drdc": {"timesteps": 1, "ddim_steps": 1}}).eval().score({"image": x})  # no category_index

@@ -1,11 +1,11 @@
-"""The paper-size DiAD (SD1.5 UNet 859.52M + SG network 471.87M, random weights) trained for two
-steps on this machine's CPUs by the real job: 2 Ray Train workers under ZeRO-3 with the optimizer
-offloaded, bf16 weights, gradient checkpointing, 256 px, one image per worker. It checkpoints, the
-same command resumes from the checkpoint, and the exported model scores test images through
-``evaluate`` and ``predict``.
+"""The paper-size models, random weights, trained for two steps on this machine's CPUs by the real
+job: DiAD (SD1.5 UNet 859.52M + SG network 471.87M) and DRDC (SD inpainting UNet 859.54M + Pro-AD
+base 102.21M). 2 Ray Train workers under ZeRO-3 with the optimizer offloaded, bf16 weights,
+gradient checkpointing, 256 px, one image per worker. Each checkpoints, the same command resumes
+from the checkpoint, and the exported model scores test images through ``evaluate`` and ``predict``.
 
-About 7 minutes and 22 GB of memory (docs/training.md): ``make test-sd15`` runs it; ``make test``
-and CI leave it out, since its peak leaves under 2 GB of a 24 GB machine."""
+About 7 minutes and 22 GB of memory each (docs/training.md): ``make test-sd15`` runs them; ``make
+test`` and CI leave them out, since their peak leaves about 2 GB of a 24 GB machine."""
 
 import csv
 import json
@@ -18,7 +18,8 @@ import pytest
 from anomdiff.config import CONF_DIR
 
 pytestmark = pytest.mark.sd15
-SMOKE = CONF_DIR / "experiment" / "sd15_cpu_smoke.yaml"
+SMOKES = {"diad": (CONF_DIR / "experiment" / "sd15_cpu_smoke.yaml", 1.3e9, 1.5e9),
+          "drdc": (CONF_DIR / "experiment" / "sd15_drdc_cpu_smoke.yaml", 1.0e9, 1.1e9)}
 ANOMDIFF = str(Path(sys.executable).parent / "anomdiff")
 
 
@@ -28,11 +29,13 @@ def anomdiff(*args, timeout=3600) -> str:
     return done.stdout + done.stderr
 
 
-def test_sd15_diad_trains_resumes_exports_and_scores_on_a_cpu(tmp_path):
+@pytest.mark.parametrize("method", ["diad", "drdc"])
+def test_sd15_trains_resumes_exports_and_scores_on_a_cpu(tmp_path, method):
+    smoke, fewest, most = SMOKES[method]
     data, out = tmp_path / "data", tmp_path / "run"
     anomdiff("data", "synth", data, "--categories", 2, "--train-per-category", 6, "--test-per-category", 2,
              "--image-size", 256, "--workers", 1)
-    train = ["train", "--config", SMOKE, f"data.path={data}", f"output_dir={out}",
+    train = ["train", "--config", smoke, f"data.path={data}", f"output_dir={out}",
              f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     first = anomdiff(*train)
     assert "[denoiser] step 2/2" in first and "exported the step-" in first, first[-3000:]
@@ -45,8 +48,9 @@ def test_sd15_diad_trains_resumes_exports_and_scores_on_a_cpu(tmp_path):
     from anomdiff.models import load_model
 
     model = load_model(out / "model")
-    assert model.cfg.unet.block_out_channels == [320, 640, 1280, 1280]
-    assert 1.3e9 < sum(p.numel() for p in model.parameters()) < 1.5e9
+    unet = model.unet if method == "diad" else model.inpainter
+    assert model.method == method and list(unet.config.block_out_channels) == [320, 640, 1280, 1280]
+    assert fewest < sum(p.numel() for p in model.parameters()) < most
     del model
     report = tmp_path / "report"
     anomdiff("evaluate", out / "model", data, "--out", report, "evaluate.batch_size=1")

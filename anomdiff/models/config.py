@@ -289,6 +289,10 @@ class DRDCConfig(Section):
     Hub id with ``unet/`` and ``vae/``) or ``pixel`` (3 + 3 + 1 channels; the tiny preset, whose small
     autoencoder would blur every texture it rebuilds).
 
+    ``trainable``: what the denoiser stage trains: ``base`` (what the base model trains; nothing when
+    it is frozen), ``inpainter`` (all of it) or ``inpainter_encoder`` / ``inpainter_mid`` /
+    ``inpainter_decoder``, ``context`` (the category tokens and head). Default: all three whole.
+
     Inference (keys a search tunes on a frozen model): ``mask_sets`` (n_s) disjoint sets of
     ``patch`` x ``patch`` cells cover the image; ``timesteps`` (n_t) inpaintings from ``start_timestep``
     (t_nt) down in equal strides, each a DDIM chain of ``ddim_steps``; the high-pass (``highpass_sigma``)
@@ -311,6 +315,7 @@ class DRDCConfig(Section):
     category_weight: float = 0.1
     top_fraction: float = 0.01
     mask_seed: int = 0
+    trainable: list[str] = field(default_factory=lambda: ["base", "inpainter", "context"])
 
     def __post_init__(self):
         require_at_least("model.drdc", self, ("patch", "timesteps", "ddim_steps", "filter_size"))

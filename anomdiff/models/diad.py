@@ -188,8 +188,10 @@ class DiADModel(nn.Module):
 
     # --- objectives --------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.training_loss(batch)
+    def forward(self, batch: dict[str, torch.Tensor], score: bool = False) -> dict[str, torch.Tensor]:
+        """The training loss (what DeepSpeed's engine runs for a step), or with ``score`` the scores:
+        validation runs through the engine too (``pipelines.engine.ScoresThroughEngine``)."""
+        return self.score(batch) if score else self.training_loss(batch)
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Epsilon-prediction MSE in latent space with DiAD's noise schedule, timesteps drawn

@@ -36,6 +36,7 @@ from anomdiff.models.diad import ddim_timesteps
 from anomdiff.models.precision import bf16_autocast
 from anomdiff.models.pretrained import load_pretrained
 from anomdiff.models.saved import load_weights, read_saved_config, save_model
+from anomdiff.models.unet import UNET_PARTS
 
 
 def mask_sets(height: int, width: int, count: int, patch: int, seed: int, device=None) -> torch.Tensor:
@@ -183,20 +184,33 @@ class DRDCModel(nn.Module):
 
     # --- stages --------------------------------------------------------------------------------------
 
+    def _parts(self) -> dict[str, list[nn.Module | nn.Parameter]]:
+        parts: dict[str, list] = {"inpainter": [self.inpainter], "context": [self.category_head, self.category_tokens]}
+        for name, children in UNET_PARTS.items():
+            parts[name.replace("unet", "inpainter")] = [getattr(self.inpainter, child) for child in children]
+        return parts
+
     def set_stage(self, stage: str) -> None:
-        """``vae``: the autoencoder alone (latent space); ``denoiser``: the base model, the inpainter, the
-        category tokens and head together (each with its own loss, summed)."""
+        """``vae``: the autoencoder alone (latent space); ``denoiser``: what ``model.drdc.trainable``
+        names of the base model, the inpainter and the category tokens and head, together (each with
+        its own loss, summed)."""
         if stage not in self.stages:
             raise ValueError(f"drdc in {self.cfg.drdc.space} space trains in {self.stages}, not {stage!r}")
         self.requires_grad_(False)
         if stage == "vae":
             self.vae.requires_grad_(True)
         else:
-            if not self.base_frozen:
-                self.base.set_stage("denoiser")
-            for part in (self.inpainter, self.category_head):
-                part.requires_grad_(True)
-            self.category_tokens.requires_grad_(True)
+            parts = self._parts()
+            for name in self.cfg.drdc.trainable:
+                if name == "base":
+                    if not self.base_frozen:
+                        self.base.set_stage("denoiser")
+                    continue
+                if name not in parts:
+                    raise ValueError(f"model.drdc.trainable: unknown part {name!r}; choose from "
+                                     f"{sorted(['base', *parts])}")
+                for part in parts[name]:
+                    part.requires_grad_(True)
         self.stage = stage
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -263,15 +277,18 @@ class DRDCModel(nn.Module):
 
     # --- objectives ----------------------------------------------------------------------------------
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.training_loss(batch)
+    def forward(self, batch: dict[str, torch.Tensor], score: bool = False) -> dict[str, torch.Tensor]:
+        """The training loss (what DeepSpeed's engine runs for a step), or with ``score`` the scores:
+        validation runs through the engine too (``pipelines.engine.ScoresThroughEngine``)."""
+        return self.score(batch) if score else self.training_loss(batch)
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The base model's loss + the inpainter's epsilon MSE over the masked cells of random cell masks
         (timesteps up to ``diffusion.train_max_timestep``) + ``category_weight`` x the category head's
         cross-entropy."""
         x0, d = batch["image"], self.cfg.drdc
-        base = x0.new_zeros(()) if self.base_frozen else self.base.training_loss(batch)["loss"]
+        trains_base = not self.base_frozen and "base" in self.cfg.drdc.trainable
+        base = self.base.training_loss(batch)["loss"] if trains_base else x0.new_zeros(())
         masks = random_masks(len(x0), *x0.shape[-2:], d.patch, device=x0.device)
         filled = context_fill(x0, masks, d.patch / 2)
         logits = self.category_logits(filled)

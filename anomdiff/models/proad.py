@@ -210,8 +210,10 @@ class ProADModel(nn.Module):
                    for out, t in zip(self.unproject, targets, strict=True)]
         return targets, rebuilt, {"tokens": tokens, "prototypes": prototypes}
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.training_loss(batch)
+    def forward(self, batch: dict[str, torch.Tensor], score: bool = False) -> dict[str, torch.Tensor]:
+        """The training loss (what DeepSpeed's engine runs for a step), or with ``score`` the scores:
+        validation runs through the engine too (``pipelines.engine.ScoresThroughEngine``)."""
+        return self.score(batch) if score else self.training_loss(batch)
 
     def training_loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hard-mined cosine reconstruction loss averaged over levels + ``coherence_weight`` x the
