@@ -200,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     doc = device_benchmark(args.quick, args.device, args.preset, args.batch_size, args.image_size,
                            args.peak_tflops, args.steps, zero={n: ONE_DEVICE_ZERO[n] for n in names} or None)
     if doc is None:
-        raise SystemExit(f"python -m pipelines.bench.gpu: no CUDA device here (torch {_torch_version()}); "
+        import torch
+
+        raise SystemExit(f"python -m pipelines.bench.gpu: no CUDA device here (torch {torch.__version__}); "
                          "run it on a GPU machine, or pass --device cpu to try it at a tiny size")
     print(describe(doc))
     if args.json_out:
@@ -208,12 +210,6 @@ def main(argv: list[str] | None = None) -> None:
 
         write_json_atomic(args.json_out, doc)
         print(f"wrote {args.json_out}")
-
-
-def _torch_version() -> str:
-    import torch
-
-    return torch.__version__
 
 
 def describe(doc: dict) -> str:
