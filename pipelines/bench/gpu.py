@@ -19,6 +19,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 
 from pipelines.bench.measure import TimedBatches, median_step, mfu, peak_bf16_flops
+from pipelines.bench.sizes import RANDOM_WEIGHTS
 
 # ZeRO on one device, name -> (stage, offload optimizer, offload parameters). Over one rank the
 # stages partition nothing: they differ from stage 0 by their buffers and by what they can offload
@@ -142,8 +143,8 @@ def zero_stage_process(spec: dict) -> dict:
 
     cuda = spec["device"].startswith("cuda")
     b, size = spec["batch_size"], spec["image_size"]
-    cfg = experiment(spec["preset"], "model.pretrained=null", "model.backbone.pretrained=null",
-                     f"model.image_size={size}", f"train.batch_size={b}", "train.schedule=constant",
+    cfg = experiment(spec["preset"], *RANDOM_WEIGHTS, f"model.image_size={size}", f"train.batch_size={b}",
+                     "train.schedule=constant",
                      f"train.precision={'bf16' if cuda else 'fp32'}", f"train.zero.stage={spec['stage']}",
                      f"train.zero.offload_optimizer={str(spec['offload_optimizer']).lower()}",
                      f"train.zero.offload_params={str(spec['offload_params']).lower()}")
